@@ -1,0 +1,1 @@
+"""The chat service: commands -> store -> fan-out, with its storage adapters."""

@@ -1,0 +1,108 @@
+"""Settings: one pydantic-settings class with nested sections.
+
+Sources, highest priority first: explicit values (CLI flags), ``MQCHAT_*``
+environment variables (nested with ``__``, e.g. ``MQCHAT_MQTT__PORT=1884``), a
+TOML config file, then the defaults below. docs/configuration.md lists every key.
+No module-level instance exists: the CLI builds one and hands it to
+``build_services``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class MqttSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = Field(default=1883, ge=0, le=65535)
+    ws_port: int = Field(default=8083, ge=0, le=65535)
+    """MQTT over WebSocket; any path works, browsers conventionally use /mqtt."""
+    max_payload_bytes: int = Field(default=64 * 1024, ge=1024)
+
+
+class HttpSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+    long_poll_max_seconds: int = Field(default=60, ge=1, le=300)
+
+
+class AuthSettings(BaseModel):
+    token_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    secret: str | None = None
+    """HMAC key for access tokens. Unset: generated once into ``{data_dir}/secret.key``."""
+
+
+class BridgeSettings(BaseModel):
+    queue_size: int = Field(default=10_000, ge=1)
+    """Commands waiting to be stored; beyond it a send gets ``server_busy`` (retry)."""
+    batch_size: int = Field(default=500, ge=1)
+    """Most commands stored in one transaction (group commit)."""
+    catch_up_page: int = Field(default=100, ge=1, le=500)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MQCHAT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    data_dir: Path = Path("./mqchat-data")
+    database_url: str | None = None
+    """SQLAlchemy async URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
+    log_level: str = "INFO"
+    mqtt: MqttSettings = MqttSettings()
+    http: HttpSettings = HttpSettings()
+    auth: AuthSettings = AuthSettings()
+    bridge: BridgeSettings = BridgeSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = init_settings.init_kwargs.pop("_config_file", None)  # type: ignore[attr-defined]
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from a TOML file, the environment and explicit overrides."""
+        return cls(_config_file=config_file, **overrides)  # type: ignore[call-arg]
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'mqchat.db').resolve()}"
+
+    def resolved_secret(self) -> str:
+        """The token signing key: configured, or generated once and kept in the data dir."""
+        if self.auth.secret:
+            return self.auth.secret
+        path = self.data_dir / "secret.key"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        # Create with 0600 from the start so the key is never world-readable.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with open(fd, "w") as fh:
+            fh.write(key + "\n")
+        return key

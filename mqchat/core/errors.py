@@ -1,0 +1,130 @@
+"""The one error tree of mqchat.
+
+::
+
+    ChatError                      code
+    ├── InvalidCommand             invalid_command
+    │   ├── InvalidJson            invalid_json
+    │   ├── UnknownCommand         unknown_type
+    │   └── PayloadTooLarge        payload_too_large
+    ├── NotAuthorized              not_authorized
+    │   ├── InvalidCredentials     invalid_credentials
+    │   └── InvalidToken           invalid_token
+    ├── NotAllowed                 not_allowed
+    ├── NotFound                   not_found
+    │   └── UnknownRecipient       unknown_recipient
+    ├── Conflict                   conflict
+    │   └── UserExists             user_exists
+    ├── ServerBusy                 server_busy
+    └── StorageUnavailable         storage_unavailable
+
+Every error has a stable ``code`` string (part of the protocol contract, see
+docs/protocol.md) and an HTTP ``status``. Adapters translate driver exceptions
+into these at their boundary; exactly one place maps them to an HTTP response
+(``mqchat.api.errors``) and one to the MQTT ``error`` event
+(``mqchat.core.protocol.error_event``).
+"""
+
+from __future__ import annotations
+
+
+class ChatError(Exception):
+    """Base of every error a client can be told about."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, ref: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        # `ref` echoes the client_msg_id of the command that failed, when known.
+        self.ref = ref
+
+
+class InvalidCommand(ChatError):
+    code = "invalid_command"
+    status = 422
+
+
+class InvalidJson(InvalidCommand):
+    code = "invalid_json"
+    status = 400
+
+
+class UnknownCommand(InvalidCommand):
+    code = "unknown_type"
+    status = 422
+
+
+class PayloadTooLarge(InvalidCommand):
+    code = "payload_too_large"
+    status = 413
+
+
+class NotAuthorized(ChatError):
+    code = "not_authorized"
+    status = 401
+
+
+class InvalidCredentials(NotAuthorized):
+    code = "invalid_credentials"
+
+
+class InvalidToken(NotAuthorized):
+    code = "invalid_token"
+
+
+class NotAllowed(ChatError):
+    code = "not_allowed"
+    status = 403
+
+
+class NotFound(ChatError):
+    code = "not_found"
+    status = 404
+
+
+class UnknownRecipient(NotFound):
+    code = "unknown_recipient"
+
+
+class Conflict(ChatError):
+    code = "conflict"
+    status = 409
+
+
+class UserExists(Conflict):
+    code = "user_exists"
+
+
+class ServerBusy(ChatError):
+    """The server refused work to protect itself; the client should retry."""
+
+    code = "server_busy"
+    status = 503
+
+
+class StorageUnavailable(ChatError):
+    """The database could not be reached or failed; nothing was stored."""
+
+    code = "storage_unavailable"
+    status = 503
+
+
+ALL_ERRORS: tuple[type[ChatError], ...] = (
+    ChatError,
+    InvalidCommand,
+    InvalidJson,
+    UnknownCommand,
+    PayloadTooLarge,
+    NotAuthorized,
+    InvalidCredentials,
+    InvalidToken,
+    NotAllowed,
+    NotFound,
+    UnknownRecipient,
+    Conflict,
+    UserExists,
+    ServerBusy,
+    StorageUnavailable,
+)

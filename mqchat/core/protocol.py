@@ -1,0 +1,204 @@
+"""Protocol v1 envelopes, sans-IO: bytes in, typed commands out; typed events in, bytes out.
+
+The broker plugin, the HTTP API, the clients and the tests all go through this
+module, so every field is defined exactly once. docs/protocol.md is the prose
+version of this file and must stay in step with it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from mqchat.core.errors import (
+    ChatError,
+    InvalidCommand,
+    InvalidJson,
+    PayloadTooLarge,
+    UnknownCommand,
+)
+from mqchat.core.ids import ID_PATTERN
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_CONTENT_CHARS = 16_000
+MAX_CLIENT_MSG_ID = 64
+SYNC_DEFAULT_LIMIT = 100
+SYNC_MAX_LIMIT = 500
+
+
+
+def _storable(text: str) -> str:
+    # PostgreSQL text cannot hold NUL, and a lone surrogate (legal as a JSON escape)
+    # cannot be encoded as UTF-8: refuse both here, not in the database.
+    if "\x00" in text:
+        raise ValueError("must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from exc
+    return text
+
+
+UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
+ClientMsgId = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_CLIENT_MSG_ID), AfterValidator(_storable)
+]
+Content = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(_storable)]
+MsgType = Literal["text", "image", "video", "file"]
+Seq = Annotated[int, Field(ge=0, le=2**62)]
+
+
+class _Envelope(BaseModel):
+    # Unknown fields are ignored so that newer clients can talk to older servers.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# ---------------------------------------------------------------- commands
+
+
+class SendMessage(_Envelope):
+    type: Literal["send_message"] = "send_message"
+    client_msg_id: ClientMsgId
+    to_user: UserIdStr
+    content: Content
+    msg_type: MsgType = "text"
+
+
+class SyncMessages(_Envelope):
+    type: Literal["sync_messages"] = "sync_messages"
+    since_seq: Seq = 0
+    limit: Annotated[int, Field(ge=1, le=SYNC_MAX_LIMIT)] = SYNC_DEFAULT_LIMIT
+
+
+class Ack(_Envelope):
+    """The device has every event of its stream up to ``seq``: its cursor."""
+
+    type: Literal["ack"] = "ack"
+    seq: Seq
+
+
+Command = SendMessage | SyncMessages | Ack
+
+COMMANDS: dict[str, type[SendMessage] | type[SyncMessages] | type[Ack]] = {
+    "send_message": SendMessage,
+    "sync_messages": SyncMessages,
+    "ack": Ack,
+}
+
+
+def parse_command(payload: bytes | bytearray | str, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Command:
+    """Turn a published payload into a command or raise a typed ``InvalidCommand``."""
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8", "surrogatepass")
+    if len(payload) > max_bytes:
+        raise PayloadTooLarge(f"payload is {len(payload)} bytes; the limit is {max_bytes}")
+    try:
+        data = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidJson(f"payload is not UTF-8 JSON: {exc}") from exc
+    return command_from_dict(data)
+
+
+def command_from_dict(data: Any) -> Command:
+    if not isinstance(data, dict):
+        raise InvalidCommand("payload must be a JSON object with a 'type'")
+    ref = data.get("client_msg_id")
+    ref = ref if isinstance(ref, str) and len(ref) <= MAX_CLIENT_MSG_ID else None
+    kind = data.get("type")
+    model = COMMANDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise UnknownCommand(f"unknown command type {kind!r}; expected one of {sorted(COMMANDS)}", ref=ref)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidCommand(_describe(exc), ref=ref) from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "payload"
+    return f"{where}: {first['msg']}"
+
+
+# ------------------------------------------------------------------ events
+
+
+def format_time(moment: datetime) -> str:
+    """UTC, ISO 8601 with milliseconds and a ``Z``, e.g. ``2026-01-15T10:30:00.123Z``."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class MessageAck(_Envelope):
+    """Sent to the sending device only after the message is durably stored."""
+
+    type: Literal["message_ack"] = "message_ack"
+    client_msg_id: str
+    server_msg_id: int
+    seq: int
+    status: Literal["sent"] = "sent"
+    created_at: str
+    duplicate: bool = False
+
+
+class NewMessage(_Envelope):
+    type: Literal["new_message"] = "new_message"
+    seq: int
+    server_msg_id: int
+    client_msg_id: str
+    from_user: str
+    to_user: str
+    content: str
+    msg_type: MsgType
+    created_at: str
+
+
+StreamEvent = NewMessage
+
+
+class SyncResponse(_Envelope):
+    type: Literal["sync_response"] = "sync_response"
+    events: list[StreamEvent]
+    latest_seq: int
+    has_more: bool
+
+
+class ErrorEvent(_Envelope):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    ref: str | None = None
+
+
+Event = MessageAck | NewMessage | SyncResponse | ErrorEvent
+
+EVENTS: dict[str, type[MessageAck] | type[NewMessage] | type[SyncResponse] | type[ErrorEvent]] = {
+    "message_ack": MessageAck,
+    "new_message": NewMessage,
+    "sync_response": SyncResponse,
+    "error": ErrorEvent,
+}
+
+
+def encode_event(event: Event) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def decode_event(payload: bytes | str) -> Event:
+    """Parse an event sent by a server (for clients and tests)."""
+    data = json.loads(payload)
+    kind = data.get("type") if isinstance(data, dict) else None
+    model = EVENTS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise UnknownCommand(f"unknown event type {kind!r}")
+    return model.model_validate(data)
+
+
+def error_event(error: ChatError) -> ErrorEvent:
+    """The one mapping from a ``ChatError`` to the MQTT ``error`` event."""
+    return ErrorEvent(code=error.code, message=error.message, ref=error.ref)
