@@ -126,7 +126,8 @@ class SqlStore:
         except ChatError:
             raise
         except (SQLAlchemyError, OSError) as exc:
-            log.warning("storage failure: %s", exc.__class__.__name__)
+            if not isinstance(exc, IntegrityError):  # a constraint is an answer, not an outage
+                log.warning("storage failure: %s: %s", exc.__class__.__name__, exc)
             raise StorageUnavailable("the database is unavailable; nothing was stored") from exc
 
     async def create_schema(self) -> None:

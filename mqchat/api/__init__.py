@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI), served in the same process as the broker."""

@@ -1,0 +1,45 @@
+"""The composition root: builds the store, accounts and chat service, and closes them in order.
+
+The broker plugin and the FastAPI app both receive the one ``Services`` made here;
+nothing creates engines or clients at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from mqchat.bridge.auth import Accounts, TokenIssuer
+from mqchat.bridge.service import ChatService
+from mqchat.bridge.sql import SqlStore
+from mqchat.config import Settings
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    store: SqlStore
+    accounts: Accounts
+    chat: ChatService
+
+    @property
+    def tokens(self) -> TokenIssuer:
+        return self.accounts.tokens
+
+
+@asynccontextmanager
+async def build_services(settings: Settings) -> AsyncIterator[Services]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqlStore.from_url(settings.resolved_database_url())
+    try:
+        await store.create_schema()
+        tokens = TokenIssuer(settings.resolved_secret(), settings.auth.token_ttl_seconds)
+        chat = ChatService(store, settings.bridge, max_payload_bytes=settings.mqtt.max_payload_bytes)
+        await chat.start()
+        try:
+            yield Services(settings, store, Accounts(store, tokens), chat)
+        finally:
+            await chat.stop()
+    finally:
+        await store.close()

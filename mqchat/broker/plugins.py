@@ -1,0 +1,183 @@
+"""amqtt plugins: token authentication, the strict topic ACL, and the bridge shim.
+
+amqtt builds plugins itself from dotted paths; the ``Services`` of the running
+server reach them through each plugin's ``Config.services``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from amqtt.broker import BrokerContext
+from amqtt.contexts import Action, BaseContext
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+from amqtt.session import ApplicationMessage, Session
+
+from mqchat.bridge.service import ChatService
+from mqchat.bridge.services import Services
+from mqchat.core.errors import ChatError, NotAllowed
+from mqchat.core.ids import DeviceAddress
+from mqchat.core.protocol import error_event
+from mqchat.core.topics import device_topic, inbox_topic, may_subscribe, stream_topic
+
+log = logging.getLogger(__name__)
+
+# CONNACK return codes (MQTT 3.1.1, 3.2.2.3)
+IDENTIFIER_REJECTED = 0x02
+NOT_AUTHORIZED = 0x05
+REFUSAL_ATTR = "mqchat_refusal"
+DEVICE_ATTR = "mqchat_device"
+
+
+def session_device(session: Session | None) -> DeviceAddress | None:
+    """The device an authenticated session belongs to (set by ``TokenAuthPlugin``)."""
+    device = getattr(session, DEVICE_ATTR, None)
+    return device if isinstance(device, DeviceAddress) else None
+
+
+class TokenAuthPlugin(BaseAuthPlugin):
+    """CONNECT: client id ``{user}:{device}``, username = user, password = access token."""
+
+    @dataclass
+    class Config:
+        services: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool:
+        services: Services = self.config.services
+        try:
+            device = DeviceAddress.from_client_id(session.client_id or "")
+        except ChatError:
+            setattr(session, REFUSAL_ATTR, IDENTIFIER_REJECTED)
+            return False
+        setattr(session, REFUSAL_ATTR, NOT_AUTHORIZED)
+        if session.username != device.user_id or not session.password:
+            return False
+        try:
+            user_id = services.tokens.verify(str(session.password))
+        except ChatError:
+            return False
+        if user_id != device.user_id:
+            return False
+        setattr(session, DEVICE_ATTR, device)
+        setattr(session, REFUSAL_ATTR, None)
+        return True
+
+
+class ChatAclPlugin(BaseTopicPlugin):
+    """Subscribe: own stream and own device topic only. Publish: own ``chat/in`` only."""
+
+    @dataclass
+    class Config:
+        services: Any = None
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool:
+        device = session_device(session)
+        if device is None or topic is None:
+            return False
+        if action == Action.PUBLISH:
+            return topic == inbox_topic(device)
+        # SUBSCRIBE checks the filter; RECEIVE re-checks each delivered topic.
+        return may_subscribe(device, topic)
+
+
+@dataclass
+class _DeviceState:
+    topics: set[str] = field(default_factory=set)
+    catch_up: asyncio.Task[None] | None = None
+    again: bool = False
+
+
+class ChatBridgePlugin(BasePlugin[BrokerContext]):
+    """Hands commands to the chat service and starts offline catch-up on subscribe.
+
+    amqtt runs each event hook as its own task; ``on_broker_message_received`` hands
+    the payload over before its first ``await``, so a device's commands keep their order.
+    """
+
+    @dataclass
+    class Config:
+        services: Any = None
+
+    def __init__(self, context: BrokerContext) -> None:
+        super().__init__(context)
+        self._services: Services = self.config.services
+        self._devices: dict[str, _DeviceState] = {}
+
+    @property
+    def _chat(self) -> ChatService:
+        return self._services.chat
+
+    async def on_broker_post_start(self) -> None:
+        self._chat.attach_publisher(_BrokerPublisher(self.context))
+
+    async def on_broker_pre_shutdown(self) -> None:
+        self._chat.attach_publisher(None)
+        for state in self._devices.values():
+            if state.catch_up is not None:
+                state.catch_up.cancel()
+
+    async def on_broker_message_received(self, *, client_id: str, message: ApplicationMessage | None) -> None:
+        if message is None:
+            return
+        device = session_device(self.context.get_session(client_id))
+        if device is None:
+            return
+        if message.topic == inbox_topic(device):
+            self._chat.accept(device, message.data)
+        elif not message.topic.startswith("$") and "+" not in message.topic and "#" not in message.topic:
+            refusal = NotAllowed(f"devices publish only on {inbox_topic(device)}; refused {message.topic!r}")
+            await self._chat.reply(device, error_event(refusal))
+
+    async def on_broker_client_subscribed(self, *, client_id: str, topic: str, qos: int) -> None:
+        device = session_device(self.context.get_session(client_id))
+        if device is None or topic not in (stream_topic(device.user_id), device_topic(device)):
+            return
+        state = self._devices.setdefault(client_id, _DeviceState())
+        state.topics.add(topic)
+        if device_topic(device) in state.topics:
+            self._schedule_catch_up(client_id, device, state)
+
+    async def on_broker_client_unsubscribed(self, *, client_id: str, topic: str) -> None:
+        state = self._devices.get(client_id)
+        if state is not None:
+            state.topics.discard(topic)
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
+        state = self._devices.pop(client_id, None)
+        if state is not None and state.catch_up is not None:
+            state.catch_up.cancel()
+
+    def _schedule_catch_up(self, client_id: str, device: DeviceAddress, state: _DeviceState) -> None:
+        # One SUBSCRIBE for both topics fires two events: coalesce them, and run again
+        # if a subscription lands while a catch-up is already sending.
+        if state.catch_up is not None and not state.catch_up.done():
+            state.again = True
+            return
+        state.catch_up = asyncio.create_task(self._catch_up(client_id, device, state))
+
+    async def _catch_up(self, client_id: str, device: DeviceAddress, state: _DeviceState) -> None:
+        while True:
+            state.again = False
+            try:
+                await self._chat.catch_up(device)
+            except ChatError as exc:
+                await self._chat.reply(device, error_event(exc))
+            if not state.again or self._devices.get(client_id) is not state:
+                return
+
+
+class _BrokerPublisher:
+    def __init__(self, context: BrokerContext) -> None:
+        self._context = context
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        # qos=None: each subscriber gets the QoS it subscribed with.
+        await self._context.broadcast_message(topic, payload, qos=None)

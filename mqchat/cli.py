@@ -1,0 +1,133 @@
+"""``mqchat serve | user add | token``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mqchat import __version__
+from mqchat.bridge.services import build_services
+from mqchat.config import Settings
+from mqchat.core.errors import ChatError
+from mqchat.runner import PortInUse, run_server
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (see config/)")
+    parser.add_argument("--data-dir", type=Path, help="where the SQLite file and the signing secret live")
+    parser.add_argument("--database-url", help="e.g. postgresql+asyncpg://user@host/db (default: SQLite in the data dir)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqchat", description="Instant-messaging backend on MQTT.")
+    parser.add_argument("--version", action="version", version=f"mqchat {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the broker, the bridge and the HTTP API")
+    _common(serve)
+    serve.add_argument("--host", help="interface to listen on (default 0.0.0.0)")
+    serve.add_argument("--mqtt-port", type=int, help="MQTT over TCP (default 1883)")
+    serve.add_argument("--ws-port", type=int, help="MQTT over WebSocket (default 8083)")
+    serve.add_argument("--http-port", type=int, help="HTTP API (default 8080)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (default INFO)")
+
+    user = commands.add_parser("user", help="manage accounts")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    add = user_commands.add_parser("add", help="create a user")
+    _common(add)
+    add.add_argument("user_id")
+    add.add_argument("--password", help="prompted for when omitted")
+
+    token = commands.add_parser("token", help="print an access token for a user (for scripts and mosquitto_sub)")
+    _common(token)
+    token.add_argument("user_id")
+    token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    if args.database_url is not None:
+        overrides["database_url"] = args.database_url
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    mqtt: dict[str, Any] = {}
+    http: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        mqtt["host"] = http["host"] = args.host
+    if getattr(args, "mqtt_port", None) is not None:
+        mqtt["port"] = args.mqtt_port
+    if getattr(args, "ws_port", None) is not None:
+        mqtt["ws_port"] = args.ws_port
+    if getattr(args, "http_port", None) is not None:
+        http["port"] = args.http_port
+    settings = Settings.load(args.config)
+    # Flags win over the file and the environment, key by key.
+    return settings.model_copy(update={
+        **overrides,
+        "mqtt": settings.mqtt.model_copy(update=mqtt),
+        "http": settings.http.model_copy(update=http),
+    })
+
+
+async def _serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_server(settings) as server:
+        where = settings.mqtt.host
+        print(f"mqchat {__version__}: MQTT on {where}:{server.mqtt_port}, MQTT-over-WebSocket on "
+              f"{where}:{server.ws_port}/mqtt, HTTP on {settings.http.host}:{server.http_port} "
+              f"(data in {settings.data_dir}). Ctrl-C stops.", flush=True)
+        await stop.wait()
+        print("shutting down...", flush=True)
+
+
+async def _add_user(settings: Settings, user_id: str, password: str) -> None:
+    async with build_services(settings) as services:
+        await services.accounts.register(user_id, password)
+
+
+async def _token(settings: Settings, user_id: str, ttl: int | None) -> str:
+    async with build_services(settings) as services:
+        if await services.store.get_password_hash(user_id) is None:
+            raise ChatError(f"no such user {user_id!r}")
+        return services.tokens.issue(user_id, ttl)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # amqtt logs every connection at INFO; keep our INFO readable.
+    for noisy in ("amqtt", "transitions", "websockets"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(settings))
+        elif args.command == "user":
+            password = args.password or getpass.getpass(f"password for {args.user_id}: ")
+            asyncio.run(_add_user(settings, args.user_id, password))
+            print(f"created user {args.user_id}")
+        elif args.command == "token":
+            print(asyncio.run(_token(settings, args.user_id, args.ttl)))
+    except PortInUse as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    except ChatError as exc:
+        print(f"mqchat: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
