@@ -54,7 +54,8 @@ Seq = Annotated[int, Field(ge=0, le=2**62)]
 
 class _Envelope(BaseModel):
     # Unknown fields are ignored so that newer clients can talk to older servers.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Strict: a seq sent as "7" is a client bug worth reporting, not something to guess at.
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 # ---------------------------------------------------------------- commands
