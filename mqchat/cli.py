@@ -21,7 +21,9 @@ from mqchat.runner import PortInUse, run_server
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (see config/)")
     parser.add_argument("--data-dir", type=Path, help="where the SQLite file and the signing secret live")
-    parser.add_argument("--database-url", help="e.g. postgresql+asyncpg://user@host/db (default: SQLite in the data dir)")
+    parser.add_argument(
+        "--database-url", help="e.g. postgresql+asyncpg://user@host/db (default: SQLite in the data dir)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,11 +73,13 @@ def _settings(args: argparse.Namespace) -> Settings:
         http["port"] = args.http_port
     settings = Settings.load(args.config)
     # Flags win over the file and the environment, key by key.
-    return settings.model_copy(update={
-        **overrides,
-        "mqtt": settings.mqtt.model_copy(update=mqtt),
-        "http": settings.http.model_copy(update=http),
-    })
+    return settings.model_copy(
+        update={
+            **overrides,
+            "mqtt": settings.mqtt.model_copy(update=mqtt),
+            "http": settings.http.model_copy(update=http),
+        }
+    )
 
 
 async def _serve(settings: Settings) -> None:
@@ -85,9 +89,12 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with run_server(settings) as server:
         where = settings.mqtt.host
-        print(f"mqchat {__version__}: MQTT on {where}:{server.mqtt_port}, MQTT-over-WebSocket on "
-              f"{where}:{server.ws_port}/mqtt, HTTP on {settings.http.host}:{server.http_port} "
-              f"(data in {settings.data_dir}). Ctrl-C stops.", flush=True)
+        print(
+            f"mqchat {__version__}: MQTT on {where}:{server.mqtt_port}, MQTT-over-WebSocket on "
+            f"{where}:{server.ws_port}/mqtt, HTTP on {settings.http.host}:{server.http_port} "
+            f"(data in {settings.data_dir}). Ctrl-C stops.",
+            flush=True,
+        )
         await stop.wait()
         print("shutting down...", flush=True)
 

@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,7 +23,12 @@ from pydantic_settings import (
 )
 
 
-class MqttSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key in a config file is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=1883, ge=0, le=65535)
     ws_port: int = Field(default=8083, ge=0, le=65535)
@@ -31,19 +36,19 @@ class MqttSettings(BaseModel):
     max_payload_bytes: int = Field(default=64 * 1024, ge=1024)
 
 
-class HttpSettings(BaseModel):
+class HttpSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
     long_poll_max_seconds: int = Field(default=60, ge=1, le=300)
 
 
-class AuthSettings(BaseModel):
+class AuthSettings(_Section):
     token_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     secret: str | None = None
     """HMAC key for access tokens. Unset: generated once into ``{data_dir}/secret.key``."""
 
 
-class BridgeSettings(BaseModel):
+class BridgeSettings(_Section):
     queue_size: int = Field(default=10_000, ge=1)
     """Commands waiting to be stored; beyond it a send gets ``server_busy`` (retry)."""
     batch_size: int = Field(default=500, ge=1)

@@ -49,8 +49,10 @@ def _bind(host: str, port: int, flag: str) -> socket.socket:
 
 def check_ports(settings: Settings) -> None:
     """Fail fast, with a one-line message, before anything starts."""
-    probes = [(settings.mqtt.host, settings.mqtt.port, "--mqtt-port"),
-              (settings.mqtt.host, settings.mqtt.ws_port, "--ws-port")]
+    probes = [
+        (settings.mqtt.host, settings.mqtt.port, "--mqtt-port"),
+        (settings.mqtt.host, settings.mqtt.ws_port, "--ws-port"),
+    ]
     for host, port, flag in probes:
         if port:
             _bind(host, port, flag).close()
@@ -69,12 +71,14 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     http_sock = _bind(settings.http.host, settings.http.port, "--http-port")
     http_sock.listen(2048)
     async with build_services(settings) as services:
-        broker = ChatBroker(broker_config(services, host=settings.mqtt.host, port=settings.mqtt.port,
-                                          ws_port=settings.mqtt.ws_port))
+        broker = ChatBroker(
+            broker_config(services, host=settings.mqtt.host, port=settings.mqtt.port, ws_port=settings.mqtt.ws_port)
+        )
         await broker.start()
         try:
-            config = uvicorn.Config(create_app(services), log_level="warning", lifespan="off",
-                                    access_log=False, timeout_graceful_shutdown=5)
+            config = uvicorn.Config(
+                create_app(services), log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=5
+            )
             http = _EmbeddedUvicorn(config)
             http_task = asyncio.create_task(http.serve(sockets=[http_sock]))
             while not http.started:
@@ -83,8 +87,9 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                     raise RuntimeError("HTTP server failed to start")
                 await asyncio.sleep(0.01)
             try:
-                yield RunningServer(services, broker, broker.bound_port("default"), broker.bound_port("ws"),
-                                    http_sock.getsockname()[1])
+                yield RunningServer(
+                    services, broker, broker.bound_port("default"), broker.bound_port("ws"), http_sock.getsockname()[1]
+                )
             finally:
                 http.should_exit = True
                 await http_task

@@ -56,8 +56,11 @@ def _peer_of(conversation_id: str) -> str:
 
 
 def create_app(services: Services) -> FastAPI:
-    app = FastAPI(title="mqchat", version=__version__,
-                  description="HTTP face of mqchat. The MQTT protocol is in docs/protocol.md.")
+    app = FastAPI(
+        title="mqchat",
+        version=__version__,
+        description="HTTP face of mqchat. The MQTT protocol is in docs/protocol.md.",
+    )
     app.state.services = services
     install_error_handlers(app)
 
@@ -83,15 +86,19 @@ def create_app(services: Services) -> FastAPI:
 
     @app.get("/v1/sync", tags=["sync"])
     async def sync(
-        user: UserDep, services: ServicesDep, since_seq: SinceSeq = 0,
+        user: UserDep,
+        services: ServicesDep,
+        since_seq: SinceSeq = 0,
         limit: Annotated[int, Query(ge=1, le=SYNC_MAX_LIMIT)] = SYNC_DEFAULT_LIMIT,
     ) -> SyncResponse:
         return await services.chat.sync(user, since_seq, limit)
 
     @app.get("/v1/sync/long-poll", tags=["sync"])
     async def long_poll(
-        user: UserDep, services: ServicesDep, since_seq: SinceSeq = 0,
-        timeout: Annotated[float, Query(ge=0, le=60)] = 30,
+        user: UserDep,
+        services: ServicesDep,
+        since_seq: SinceSeq = 0,
+        timeout: Annotated[float, Query(ge=0, le=60)] = 30,  # noqa: ASYNC109 (the API parameter name)
         limit: Annotated[int, Query(ge=1, le=SYNC_MAX_LIMIT)] = SYNC_DEFAULT_LIMIT,
     ) -> SyncResponse:
         """Answers as soon as the stream has an event after ``since_seq``, or empty at the timeout."""
@@ -107,14 +114,17 @@ def create_app(services: Services) -> FastAPI:
 
     @app.get("/v1/conversations/{conversation_id}/messages", tags=["history"])
     async def history(
-        conversation_id: str, user: UserDep, services: ServicesDep,
+        conversation_id: str,
+        user: UserDep,
+        services: ServicesDep,
         before_id: Annotated[int | None, Query(ge=1)] = None,
         limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT)] = 50,
     ) -> HistoryPage:
         """A page of the conversation, newest first."""
         page = await services.store.history(user, _peer_of(conversation_id), before_id, limit)
         next_before = page[-1].id if len(page) == limit else None
-        return HistoryPage(conversation_id=conversation_id, messages=[MessagePublic.of(m) for m in page],
-                           next_before_id=next_before)
+        return HistoryPage(
+            conversation_id=conversation_id, messages=[MessagePublic.of(m) for m in page], next_before_id=next_before
+        )
 
     return app

@@ -9,8 +9,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mqchat.core.errors import ChatError
 
-_HTTP_CODES = {400: "bad_request", 401: "not_authorized", 403: "not_allowed", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 429: "rate_limited"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "not_authorized",
+    403: "not_allowed",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    429: "rate_limited",
+}
 
 
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:

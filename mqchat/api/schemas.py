@@ -41,9 +41,15 @@ class MessagePublic(BaseModel):
 
     @classmethod
     def of(cls, message: StoredMessage) -> MessagePublic:
-        return cls(server_msg_id=message.id, client_msg_id=message.client_msg_id, from_user=message.sender,
-                   to_user=message.to_user, content=message.content, msg_type=message.msg_type,
-                   created_at=format_time(message.created_at))
+        return cls(
+            server_msg_id=message.id,
+            client_msg_id=message.client_msg_id,
+            from_user=message.sender,
+            to_user=message.to_user,
+            content=message.content,
+            msg_type=message.msg_type,
+            created_at=format_time(message.created_at),
+        )
 
 
 class ConversationPublic(BaseModel):
@@ -54,8 +60,12 @@ class ConversationPublic(BaseModel):
 
     @classmethod
     def of(cls, summary: ConversationSummary) -> ConversationPublic:
-        return cls(conversation_id=summary.conversation_id, peer=summary.peer,
-                   last_message=MessagePublic.of(summary.last_message), unread_count=summary.unread_count)
+        return cls(
+            conversation_id=summary.conversation_id,
+            peer=summary.peer,
+            last_message=MessagePublic.of(summary.last_message),
+            unread_count=summary.unread_count,
+        )
 
 
 class ConversationList(BaseModel):

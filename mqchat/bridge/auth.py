@@ -37,8 +37,9 @@ class TokenIssuer:
     def verify(self, token: str) -> str:
         """Return the user id the token was issued to, or raise ``InvalidToken``."""
         try:
-            claims = jwt.decode(token, self._secret, algorithms=[_ALGORITHM], audience=_AUDIENCE,
-                                options={"require": ["sub", "exp"]})
+            claims = jwt.decode(
+                token, self._secret, algorithms=[_ALGORITHM], audience=_AUDIENCE, options={"require": ["sub", "exp"]}
+            )
         except jwt.ExpiredSignatureError as exc:
             raise InvalidToken("the access token has expired") from exc
         except jwt.PyJWTError as exc:

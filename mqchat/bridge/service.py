@@ -153,8 +153,9 @@ class ChatService:
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
-            raise ServerBusy("too many messages waiting to be stored; retry shortly",
-                             ref=pending.request.client_msg_id) from None
+            raise ServerBusy(
+                "too many messages waiting to be stored; retry shortly", ref=pending.request.client_msg_id
+            ) from None
 
     @staticmethod
     def _request(sender: str, command: SendMessage) -> SendRequest:
@@ -172,17 +173,16 @@ class ChatService:
             except Exception:  # the worker must survive anything one batch does
                 log.exception("bridge batch failed")
                 for pending in batch:
-                    self._fail(pending, ChatError("internal error; nothing was stored",
-                                                  ref=pending.request.client_msg_id))
+                    self._fail(
+                        pending, ChatError("internal error; nothing was stored", ref=pending.request.client_msg_id)
+                    )
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
     async def _process(self, batch: list[_Pending]) -> None:
         try:
-            outcomes: list[SendOutcome | ChatError] = list(
-                await self._store.save_messages([p.request for p in batch])
-            )
+            outcomes: list[SendOutcome | ChatError] = list(await self._store.save_messages([p.request for p in batch]))
         except ChatError as exc:
             outcomes = [exc] * len(batch)
         touched: set[str] = set()
@@ -265,4 +265,3 @@ class ChatService:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-

@@ -230,15 +230,19 @@ class SqlStore:
                 pg = postgresql.insert(device_cursors).values(**values)
                 stmt: Any = pg.on_conflict_do_update(
                     index_elements=["user_id", "device_id"],
-                    set_={"acked_seq": func.greatest(device_cursors.c.acked_seq, pg.excluded.acked_seq),
-                          "updated_at": pg.excluded.updated_at},
+                    set_={
+                        "acked_seq": func.greatest(device_cursors.c.acked_seq, pg.excluded.acked_seq),
+                        "updated_at": pg.excluded.updated_at,
+                    },
                 )
             else:
                 lite = sqlite.insert(device_cursors).values(**values)
                 stmt = lite.on_conflict_do_update(
                     index_elements=["user_id", "device_id"],
-                    set_={"acked_seq": func.max(device_cursors.c.acked_seq, lite.excluded.acked_seq),
-                          "updated_at": lite.excluded.updated_at},
+                    set_={
+                        "acked_seq": func.max(device_cursors.c.acked_seq, lite.excluded.acked_seq),
+                        "updated_at": lite.excluded.updated_at,
+                    },
                 )
             await conn.execute(stmt)
             return await self._cursor(conn, user_id, device_id)
@@ -361,17 +365,22 @@ class _BatchWriter:
         if not fresh:
             return []
         rows = [{k: v for k, v in row.items() if not k.startswith("_")} for _, _, row in fresh]
-        result = await self._conn.execute(
-            insert(messages).returning(messages, sort_by_parameter_order=True), rows
-        )
+        result = await self._conn.execute(insert(messages).returning(messages, sort_by_parameter_order=True), rows)
         stored = [_row_to_message(row) for row in result]
         entries = []
         for (_, request, row), message in zip(fresh, stored, strict=True):
-            entries.append({"user_id": request.sender, "seq": row["sender_seq"], "kind": NEW_MESSAGE,
-                            "message_id": message.id})
+            entries.append(
+                {"user_id": request.sender, "seq": row["sender_seq"], "kind": NEW_MESSAGE, "message_id": message.id}
+            )
             if "_recipient_seq" in row:
-                entries.append({"user_id": request.to_user, "seq": row["_recipient_seq"], "kind": NEW_MESSAGE,
-                                "message_id": message.id})
+                entries.append(
+                    {
+                        "user_id": request.to_user,
+                        "seq": row["_recipient_seq"],
+                        "kind": NEW_MESSAGE,
+                        "message_id": message.id,
+                    }
+                )
         await self._conn.execute(insert(stream_events), entries)
         return stored
 

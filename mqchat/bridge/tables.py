@@ -50,9 +50,7 @@ class StreamEventRow(SQLModel, table=True):
     user_id: str = Field(primary_key=True, max_length=64, foreign_key="users.user_id")
     seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     kind: str = Field(max_length=32)
-    message_id: int | None = Field(
-        default=None, sa_column=Column(_BigId, ForeignKey("messages.id"), nullable=True)
-    )
+    message_id: int | None = Field(default=None, sa_column=Column(_BigId, ForeignKey("messages.id"), nullable=True))
 
 
 class DeviceCursor(SQLModel, table=True):

@@ -38,13 +38,18 @@ def broker_config(services: Services, *, host: str, port: int, ws_port: int | No
 class ChatBroker(Broker):
     """amqtt's broker with CONNACK codes that say why a connection was refused."""
 
-    async def _handle_client_session(  # type: ignore[override]
-        self, reader: Any, writer: Any, client_session: Session, handler: BrokerProtocolHandler,
-        server: Any, listener_name: str,
+    async def _handle_client_session(
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Any,
+        listener_name: str,
     ) -> None:
         # amqtt answers every failed authentication with "not authorized"; a malformed
         # client id must get "identifier rejected" instead.
-        handler.mqtt_connack_authorize = functools.partial(_connack, handler)  # type: ignore[method-assign]
+        handler.mqtt_connack_authorize = functools.partial(_connack, handler)
         await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
 
     def bound_port(self, listener: str) -> int:

@@ -30,7 +30,6 @@ SYNC_DEFAULT_LIMIT = 100
 SYNC_MAX_LIMIT = 500
 
 
-
 def _storable(text: str) -> str:
     # PostgreSQL text cannot hold NUL, and a lone surrogate (legal as a JSON escape)
     # cannot be encoded as UTF-8: refuse both here, not in the database.
@@ -44,9 +43,7 @@ def _storable(text: str) -> str:
 
 
 UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
-ClientMsgId = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_CLIENT_MSG_ID), AfterValidator(_storable)
-]
+ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLIENT_MSG_ID), AfterValidator(_storable)]
 Content = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(_storable)]
 MsgType = Literal["text", "image", "video", "file"]
 Seq = Annotated[int, Field(ge=0, le=2**62)]

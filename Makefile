@@ -1,0 +1,27 @@
+# One word for each routine task. Everything runs from the repo's .venv.
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install serve test check fmt
+
+$(BIN)/mqchat: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/mqchat
+
+serve: install
+	$(BIN)/mqchat serve
+
+test: install
+	$(BIN)/python -m pytest
+
+check: install
+	$(BIN)/ruff check mqchat tests
+	$(BIN)/ruff format --check mqchat tests
+	$(BIN)/mypy
+
+fmt: install
+	$(BIN)/ruff format mqchat tests
+	$(BIN)/ruff check --fix mqchat tests

@@ -1,0 +1,119 @@
+"""The command line as a user runs it: `mqchat serve | user add | token`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def mqchat(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mqchat.cli", *args, "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
+
+
+@asynccontextmanager
+async def serving(data_dir: Path, http_port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mqchat.cli",
+        "serve",
+        "--data-dir",
+        str(data_dir),
+        "--host",
+        "127.0.0.1",
+        "--mqtt-port",
+        str(free_port()),
+        "--ws-port",
+        str(free_port()),
+        "--http-port",
+        str(http_port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
+            for _ in range(200):
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("server did not become healthy")
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_tokens_survive_a_restart_and_the_secret_is_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert (
+        mqchat("user", "add", "alice", "--password", "alice-secret", data_dir=data).stdout.strip()
+        == "created user alice"
+    )
+    duplicate = mqchat("user", "add", "alice", "--password", "alice-secret", data_dir=data, check=False)
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+    token = mqchat("token", "alice", data_dir=data).stdout.strip()
+    assert stat.S_IMODE(os.stat(data / "secret.key").st_mode) == 0o600
+    unknown = mqchat("token", "nobody", data_dir=data, check=False)
+    assert unknown.returncode == 1 and "no such user" in unknown.stderr
+
+    port = free_port()
+    for _ in range(2):  # the same token works before and after a restart
+        async with (
+            serving(data, port),
+            httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}
+            ) as http,
+        ):
+            response = await http.get("/v1/sync")
+            assert response.status_code == 200, response.text
+
+
+async def test_ctrl_c_shuts_down_cleanly(tmp_path: Path) -> None:
+    async with serving(tmp_path / "data", free_port()) as proc:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert proc.stdout is not None
+        out = (await proc.stdout.read()).decode()
+        assert "MQTT on 127.0.0.1:" in out and "shutting down" in out
+
+
+@pytest.mark.parametrize("flag", ["--mqtt-port", "--ws-port", "--http-port"])
+def test_a_port_in_use_is_a_one_line_error(tmp_path: Path, flag: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        ports = {"--mqtt-port": free_port(), "--ws-port": free_port(), "--http-port": free_port(), flag: taken}
+        args = [item for pair in ports.items() for item in (pair[0], str(pair[1]))]
+        result = mqchat("serve", "--host", "127.0.0.1", *args, data_dir=tmp_path / "data", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"mqchat: port {taken} is already in use; choose another with {flag}"]
