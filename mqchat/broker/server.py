@@ -7,12 +7,13 @@ import logging
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from mqchat.bridge.services import Services
-from mqchat.broker.plugins import NOT_AUTHORIZED, REFUSAL_ATTR
+from mqchat.broker.plugins import DEVICE_ATTR, NOT_AUTHORIZED, REFUSAL_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,49 @@ def broker_config(services: Services, *, host: str, port: int, ws_port: int | No
 
 
 class ChatBroker(Broker):
-    """amqtt's broker with CONNACK codes that say why a connection was refused."""
+    """amqtt's broker, authenticating before it touches sessions, with precise CONNACK codes."""
+
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # amqtt 0.12 deletes (clean session) or takes over the existing session of the
+        # same client id *before* it authenticates the newcomer, and then stores the
+        # refused session in its place: one CONNECT with a wrong token could silently cut
+        # a device off its subscriptions. We read CONNECT and authenticate first; a
+        # refused client is answered and closed without touching the session table.
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except MQTTError:
+            await writer.close()
+            raise
+        except NoDataError as exc:
+            raise AMQTTError(exc) from exc
+        if not await self._authenticate(session, None):
+            code = getattr(session, REFUSAL_ATTR, None) or NOT_AUTHORIZED
+            log.info("refused connection from %s:%s (CONNACK %d)", remote_address, remote_port, code)
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(f"connection refused with CONNACK {code}")
+        return await self._adopt_session(handler, session)
+
+    async def _adopt_session(
+        self, handler: BrokerProtocolHandler, session: Session
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's own session bookkeeping, now reached only by authenticated clients."""
+        if session.clean_session:
+            await self._delete_session(session.client_id)
+            session.parent = 0
+        elif session.client_id in self._sessions:
+            existing, _ = self._sessions[session.client_id]
+            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(existing, attr, getattr(session, attr))
+            for attr in (DEVICE_ATTR, REFUSAL_ATTR):
+                setattr(existing, attr, getattr(session, attr, None))
+            session = existing
+            session.parent = 1
+        else:
+            session.parent = 0
+        return handler, session
 
     async def _handle_client_session(
         self,
