@@ -54,6 +54,10 @@ class BridgeSettings(_Section):
     batch_size: int = Field(default=500, ge=1)
     """Most commands stored in one transaction (group commit)."""
     catch_up_page: int = Field(default=100, ge=1, le=500)
+    group_max_members: int = Field(default=1000, ge=2)
+    recall_window_seconds: float = Field(default=120, ge=0)
+    typing_interval_seconds: float = Field(default=1.0, ge=0)
+    """A device's typing signals to one target are relayed at most this often (a state change always passes)."""
 
 
 class Settings(BaseSettings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mqchat import __version__
@@ -16,13 +16,16 @@ from mqchat.api.schemas import (
     Health,
     HistoryPage,
     MessagePublic,
+    ReceiptList,
+    ReceiptPublic,
+    SendBody,
     Token,
     UserPublic,
 )
 from mqchat.bridge.services import Services
 from mqchat.core.errors import InvalidCommand, NotAuthorized
 from mqchat.core.ids import is_valid_id
-from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, SendMessage, SyncResponse
+from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, SyncResponse
 
 HISTORY_MAX_LIMIT = 200
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/token")
@@ -48,11 +51,11 @@ UserDep = Annotated[str, Depends(_current_user)]
 SinceSeq = Annotated[int, Query(ge=0, le=2**62)]
 
 
-def _peer_of(conversation_id: str) -> str:
-    kind, _, peer = conversation_id.partition(":")
-    if kind != "user" or not is_valid_id(peer):
-        raise InvalidCommand("conversation_id must be 'user:{user_id}'")
-    return peer
+def _checked_conversation(conversation_id: str) -> str:
+    kind, _, ident = conversation_id.partition(":")
+    if kind not in ("user", "group") or not is_valid_id(ident):
+        raise InvalidCommand("conversation_id must be 'user:{user_id}' or 'group:{group_id}'")
+    return conversation_id
 
 
 def create_app(services: Services) -> FastAPI:
@@ -80,9 +83,21 @@ def create_app(services: Services) -> FastAPI:
         return Token(access_token=access, expires_in=services.tokens.ttl_seconds)
 
     @app.post("/v1/messages", tags=["messages"])
-    async def send(body: SendMessage, user: UserDep, services: ServicesDep) -> MessageAck:
-        """Same contract as the MQTT ``send_message``: idempotent on ``client_msg_id``."""
-        return await services.chat.send(user, body)
+    async def send(body: SendBody, user: UserDep, services: ServicesDep) -> MessageAck:
+        """Same contract as ``send_message`` / ``send_group_message``: idempotent on ``client_msg_id``."""
+        return await services.chat.send(user, body.command())
+
+    @app.post("/v1/messages/{message_id}/recall", status_code=204, tags=["messages"])
+    async def recall(message_id: int, user: UserDep, services: ServicesDep) -> Response:
+        """The sender, within the recall window, turns the message into a tombstone."""
+        await services.chat.recall(user, message_id)
+        return Response(status_code=204)
+
+    @app.get("/v1/messages/{message_id}/receipts", tags=["messages"])
+    async def receipts(message_id: int, user: UserDep, services: ServicesDep) -> ReceiptList:
+        """Who has the message delivered and read; for the people in its conversation."""
+        found = await services.store.receipts(user, message_id)
+        return ReceiptList(message_id=message_id, receipts=[ReceiptPublic.of(r) for r in found])
 
     @app.get("/v1/sync", tags=["sync"])
     async def sync(
@@ -121,7 +136,7 @@ def create_app(services: Services) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT)] = 50,
     ) -> HistoryPage:
         """A page of the conversation, newest first."""
-        page = await services.store.history(user, _peer_of(conversation_id), before_id, limit)
+        page = await services.store.history(user, _checked_conversation(conversation_id), before_id, limit)
         next_before = page[-1].id if len(page) == limit else None
         return HistoryPage(
             conversation_id=conversation_id, messages=[MessagePublic.of(m) for m in page], next_before_id=next_before

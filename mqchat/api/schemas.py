@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, StringConstraints
+from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
 
 from mqchat.bridge.auth import MAX_PASSWORD, MIN_PASSWORD
-from mqchat.bridge.store import ConversationSummary, StoredMessage
+from mqchat.bridge.store import ConversationSummary, GroupInfo, Receipt, StoredMessage
 from mqchat.core.ids import ID_PATTERN
-from mqchat.core.protocol import MsgType, format_time
+from mqchat.core.protocol import ClientMsgId, Content, MsgType, SendGroupMessage, SendMessage, format_time
 
 UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 Password = Annotated[str, StringConstraints(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)]
@@ -30,46 +30,139 @@ class Token(BaseModel):
     expires_in: int
 
 
+class SendBody(BaseModel):
+    """``send_message`` (with ``to_user``) or ``send_group_message`` (with ``group_id``) fields."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    client_msg_id: ClientMsgId
+    to_user: UserIdStr | None = None
+    group_id: UserIdStr | None = None
+    content: Content
+    msg_type: MsgType = "text"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SendBody:
+        if (self.to_user is None) == (self.group_id is None):
+            raise ValueError("give exactly one of to_user and group_id")
+        return self
+
+    def command(self) -> SendMessage | SendGroupMessage:
+        if self.group_id is not None:
+            return SendGroupMessage(
+                client_msg_id=self.client_msg_id, group_id=self.group_id, content=self.content, msg_type=self.msg_type
+            )
+        assert self.to_user is not None
+        return SendMessage(
+            client_msg_id=self.client_msg_id, to_user=self.to_user, content=self.content, msg_type=self.msg_type
+        )
+
+
 class MessagePublic(BaseModel):
+    """A stored message. A recalled one has no ``content`` and carries ``recalled_at``."""
+
     server_msg_id: int
     client_msg_id: str
     from_user: str
-    to_user: str
-    content: str
+    to_user: str | None = None
+    group_id: str | None = None
+    content: str | None
     msg_type: MsgType
     created_at: str
+    recalled_at: str | None = None
 
     @classmethod
     def of(cls, message: StoredMessage) -> MessagePublic:
+        recalled = message.recalled_at is not None
         return cls(
             server_msg_id=message.id,
             client_msg_id=message.client_msg_id,
             from_user=message.sender,
             to_user=message.to_user,
-            content=message.content,
+            group_id=message.group_id,
+            content=None if recalled else message.content,
             msg_type=message.msg_type,
             created_at=format_time(message.created_at),
+            recalled_at=format_time(message.recalled_at) if message.recalled_at else None,
         )
 
 
 class ConversationPublic(BaseModel):
     conversation_id: str
-    peer: str
-    last_message: MessagePublic
+    """``user:{peer}`` or ``group:{group_id}``."""
+    name: str | None
+    """The group's name; null for 1:1 conversations."""
+    last_message: MessagePublic | None
     unread_count: int
+    """Messages from others after this user's read marker (recalled ones not counted)."""
 
     @classmethod
     def of(cls, summary: ConversationSummary) -> ConversationPublic:
+        last = MessagePublic.of(summary.last_message) if summary.last_message else None
         return cls(
             conversation_id=summary.conversation_id,
-            peer=summary.peer,
-            last_message=MessagePublic.of(summary.last_message),
+            name=summary.name,
+            last_message=last,
             unread_count=summary.unread_count,
         )
 
 
 class ConversationList(BaseModel):
     conversations: list[ConversationPublic]
+
+
+class GroupCreate(BaseModel):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    members: list[UserIdStr] = []
+
+
+class MemberAdd(BaseModel):
+    user_id: UserIdStr
+
+
+class GroupPublic(BaseModel):
+    group_id: str
+    name: str
+    owner: str
+    members: list[str]
+    created_at: str
+
+    @classmethod
+    def of(cls, group: GroupInfo) -> GroupPublic:
+        return cls(
+            group_id=group.group_id,
+            name=group.name,
+            owner=group.owner,
+            members=list(group.members),
+            created_at=format_time(group.created_at),
+        )
+
+
+class GroupList(BaseModel):
+    groups: list[GroupPublic]
+
+
+class ReadBody(BaseModel):
+    message_id: int
+
+
+class ReceiptPublic(BaseModel):
+    user_id: str
+    delivered_at: str | None
+    read_at: str | None
+
+    @classmethod
+    def of(cls, receipt: Receipt) -> ReceiptPublic:
+        return cls(
+            user_id=receipt.user_id,
+            delivered_at=format_time(receipt.delivered_at) if receipt.delivered_at else None,
+            read_at=format_time(receipt.read_at) if receipt.read_at else None,
+        )
+
+
+class ReceiptList(BaseModel):
+    message_id: int
+    receipts: list[ReceiptPublic]
 
 
 class HistoryPage(BaseModel):

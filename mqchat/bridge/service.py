@@ -1,11 +1,13 @@
 """The chat service: validated commands in; stored messages, acks and stream events out.
 
-Commands from every device go into one bounded queue. A single worker takes
-everything that is waiting (up to ``batch_size``), stores it in one transaction
-(group commit), and only then acks the senders and publishes the new events.
-When the queue is full a send is refused with ``server_busy`` rather than
-acknowledged and dropped: the MQTT PUBACK only says the broker has the packet,
-the ``message_ack`` says the message is stored.
+Sends from every device go into one bounded queue. A single worker takes everything
+that is waiting (up to ``batch_size``), stores it in one transaction (group commit),
+and only then acks the senders and publishes the new events. When the queue is full
+a send is refused with ``server_busy`` rather than acknowledged and dropped: the MQTT
+PUBACK only says the broker has the packet, the ``message_ack`` says it is stored.
+
+Other commands (ack, read, recall, sync) are each one short transaction of their own,
+after which the events they created are published the same way.
 """
 
 from __future__ import annotations
@@ -13,63 +15,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from mqchat.bridge.store import MessageStore, SendOutcome, SendRequest
+from mqchat.bridge.notify import StreamNotifier
+from mqchat.bridge.presence import PresenceTracker, TypingThrottle
+from mqchat.bridge.store import Emitted, GroupInfo, MessageStore, SendOutcome, SendRequest
 from mqchat.config import BridgeSettings
-from mqchat.core.errors import ChatError, ServerBusy
+from mqchat.core.errors import ChatError, NotAMember, NotFound, ServerBusy
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.protocol import (
     Ack,
     Event,
+    MarkAsRead,
     MessageAck,
+    Presence,
+    RecallMessage,
+    SendGroupMessage,
     SendMessage,
     SyncMessages,
     SyncResponse,
+    Typing,
+    TypingEvent,
     encode_event,
     error_event,
     format_time,
     parse_command,
 )
-from mqchat.core.topics import device_topic, stream_topic
+from mqchat.core.topics import device_topic, group_topic, presence_topic, stream_topic
 
 log = logging.getLogger(__name__)
+
+AnySend = SendMessage | SendGroupMessage
 
 
 class Publisher(Protocol):
     """Delivers a payload to the subscribers of a topic (the broker, in production)."""
 
-    async def publish(self, topic: str, payload: bytes) -> None: ...
-
-
-class StreamNotifier:
-    """Wakes long-polls waiting on a user's stream."""
-
-    def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
-
-    def notify(self, user_ids: Iterable[str]) -> None:
-        for user_id in set(user_ids):
-            for waiter in self._waiters.pop(user_id, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    @contextlib.contextmanager
-    def watch(self, user_id: str) -> Iterator[asyncio.Future[None]]:
-        """Register before reading the store, so an event between read and wait is not missed."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[user_id].add(waiter)
-        try:
-            yield waiter
-        finally:
-            waiters = self._waiters.get(user_id)
-            if waiters is not None:
-                waiters.discard(waiter)
-                if not waiters:
-                    del self._waiters[user_id]
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
 
 
 @dataclass(slots=True)
@@ -90,6 +74,34 @@ def _ack_for(outcome: SendOutcome) -> MessageAck:
     )
 
 
+def _request(sender: str, command: AnySend) -> SendRequest:
+    if isinstance(command, SendGroupMessage):
+        return SendRequest(sender, command.client_msg_id, command.content, command.msg_type, group_id=command.group_id)
+    return SendRequest(sender, command.client_msg_id, command.content, command.msg_type, to_user=command.to_user)
+
+
+class GroupDirectory:
+    """Active members per group, cached for the ACL's per-delivery checks.
+
+    Every membership change goes through ``ChatService``, which refreshes the entry."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self._store = store
+        self._members: dict[str, frozenset[str]] = {}
+
+    async def members(self, group_id: str) -> frozenset[str]:
+        cached = self._members.get(group_id)
+        if cached is None:
+            cached = self._members[group_id] = await self._store.active_members(group_id)
+        return cached
+
+    async def is_member(self, group_id: str, user_id: str) -> bool:
+        return user_id in await self.members(group_id)
+
+    async def refresh(self, group_id: str) -> None:
+        self._members[group_id] = await self._store.active_members(group_id)
+
+
 class ChatService:
     def __init__(self, store: MessageStore, settings: BridgeSettings, *, max_payload_bytes: int) -> None:
         self._store = store
@@ -100,10 +112,17 @@ class ChatService:
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.notifier = StreamNotifier()
+        self.groups = GroupDirectory(store)
+        self.presence = PresenceTracker()
+        self._typing = TypingThrottle(settings.typing_interval_seconds)
 
     @property
     def store(self) -> MessageStore:
         return self._store
+
+    @property
+    def settings(self) -> BridgeSettings:
+        return self._settings
 
     def attach_publisher(self, publisher: Publisher | None) -> None:
         self._publisher = publisher
@@ -129,27 +148,33 @@ class ChatService:
     def accept(self, device: DeviceAddress, payload: bytes | bytearray) -> None:
         """Take one command published by a device. Never blocks, never raises.
 
-        It is synchronous up to the enqueue, so commands from one device are stored in
-        the order they were published.
+        It is synchronous up to the enqueue, so sends from one device are stored in the
+        order they were published.
         """
         try:
             command = parse_command(payload, max_bytes=self._max_payload)
-            if isinstance(command, SendMessage):
-                self._enqueue_request(_Pending(self._request(device.user_id, command), device, None))
+            if isinstance(command, SendMessage | SendGroupMessage):
+                self._enqueue(_Pending(_request(device.user_id, command), device, None))
             elif isinstance(command, SyncMessages):
-                self._spawn(self._reply_sync(device, command))
+                self._spawn(self._answer(device, self.sync(device.user_id, command.since_seq, command.limit)))
             elif isinstance(command, Ack):
-                self._spawn(self._advance(device, command.seq))
+                self._spawn(self._answer(device, self.ack(device, command.seq)))
+            elif isinstance(command, MarkAsRead):
+                self._spawn(self._answer(device, self.mark_read(device.user_id, command.message_id)))
+            elif isinstance(command, RecallMessage):
+                self._spawn(self._answer(device, self.recall(device.user_id, command.message_id)))
+            elif isinstance(command, Typing):
+                self._spawn(self._answer(device, self.typing(device, command)))
         except ChatError as exc:
             self._spawn(self.reply(device, error_event(exc)))
 
-    async def send(self, sender: str, command: SendMessage) -> MessageAck:
+    async def send(self, sender: str, command: AnySend) -> MessageAck:
         """Store a message sent over HTTP; returns once it is stored and fanned out."""
         future: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()
-        self._enqueue_request(_Pending(self._request(sender, command), None, future))
+        self._enqueue(_Pending(_request(sender, command), None, future))
         return await future
 
-    def _enqueue_request(self, pending: _Pending) -> None:
+    def _enqueue(self, pending: _Pending) -> None:
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull:
@@ -157,9 +182,15 @@ class ChatService:
                 "too many messages waiting to be stored; retry shortly", ref=pending.request.client_msg_id
             ) from None
 
-    @staticmethod
-    def _request(sender: str, command: SendMessage) -> SendRequest:
-        return SendRequest(sender, command.client_msg_id, command.to_user, command.content, command.msg_type)
+    async def _answer(self, device: DeviceAddress, work: Coroutine[Any, Any, object]) -> None:
+        """Run a device's command; a ``SyncResponse`` goes back to it, a failure as ``error``."""
+        try:
+            result = await work
+        except ChatError as exc:
+            await self.reply(device, error_event(exc))
+            return
+        if isinstance(result, SyncResponse):
+            await self.reply(device, result)
 
     # ------------------------------------------------------------- worker
 
@@ -185,7 +216,6 @@ class ChatService:
             outcomes: list[SendOutcome | ChatError] = list(await self._store.save_messages([p.request for p in batch]))
         except ChatError as exc:
             outcomes = [exc] * len(batch)
-        touched: set[str] = set()
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, ChatError):
                 outcome.ref = outcome.ref or pending.request.client_msg_id
@@ -196,12 +226,7 @@ class ChatService:
                 pending.future.set_result(ack)
             if pending.device is not None:
                 await self.reply(pending.device, ack)
-        for outcome in outcomes:
-            if isinstance(outcome, SendOutcome):
-                for user_id, event in outcome.events:
-                    touched.add(user_id)
-                    await self._publish(stream_topic(user_id), encode_event(event))
-        self.notifier.notify(touched)
+        await self.publish_events(tuple(e for o in outcomes if isinstance(o, SendOutcome) for e in o.events))
 
     def _fail(self, pending: _Pending, error: ChatError) -> None:
         if pending.future is not None and not pending.future.done():
@@ -209,7 +234,7 @@ class ChatService:
         if pending.device is not None:
             self._spawn(self.reply(pending.device, error_event(error)))
 
-    # ------------------------------------------------------- sync and acks
+    # ---------------------------------------------------- sync and cursors
 
     async def sync(self, user_id: str, since_seq: int, limit: int) -> SyncResponse:
         page = await self._store.read_stream(user_id, since_seq, limit)
@@ -240,26 +265,93 @@ class ChatService:
                 return
             since = response.events[-1].seq
 
-    async def _reply_sync(self, device: DeviceAddress, command: SyncMessages) -> None:
-        try:
-            await self.reply(device, await self.sync(device.user_id, command.since_seq, command.limit))
-        except ChatError as exc:
-            await self.reply(device, error_event(exc))
+    async def ack(self, device: DeviceAddress, seq: int) -> None:
+        _, receipts = await self._store.advance_cursor(device.user_id, device.device_id, seq)
+        await self.publish_events(receipts)
 
-    async def _advance(self, device: DeviceAddress, seq: int) -> None:
-        try:
-            await self._store.advance_cursor(device.user_id, device.device_id, seq)
-        except ChatError as exc:
-            await self.reply(device, error_event(exc))
+    # ------------------------------------------------ receipts and recall
+
+    async def mark_read(self, user_id: str, message_id: int) -> None:
+        await self.publish_events(await self._store.mark_read(user_id, message_id))
+
+    async def recall(self, user_id: str, message_id: int) -> None:
+        emitted = await self._store.recall(user_id, message_id, self._settings.recall_window_seconds)
+        await self.publish_events(emitted)
+
+    # -------------------------------------------------------------- groups
+
+    async def create_group(self, owner: str, name: str, members: Sequence[str]) -> GroupInfo:
+        group, emitted = await self._store.create_group(owner, name, members, self._settings.group_max_members)
+        await self.groups.refresh(group.group_id)
+        await self.publish_events(emitted)
+        return group
+
+    async def add_member(self, group_id: str, by: str, user_id: str) -> None:
+        emitted = await self._store.add_member(group_id, by, user_id, self._settings.group_max_members)
+        await self.groups.refresh(group_id)
+        await self.publish_events(emitted)
+
+    async def remove_member(self, group_id: str, by: str, user_id: str) -> None:
+        emitted = await self._store.remove_member(group_id, by, user_id)
+        # Refresh before publishing: from here on the ACL stops deliveries on the group topic.
+        await self.groups.refresh(group_id)
+        await self.publish_events(emitted)
+
+    async def group_for(self, user_id: str, group_id: str) -> GroupInfo:
+        group = await self._store.get_group(group_id)
+        if user_id not in group.members:
+            raise NotAMember(f"you are not a member of {group_id!r}")
+        return group
+
+    # ---------------------------------------------- presence and typing
+
+    async def device_connected(self, device: DeviceAddress) -> None:
+        changed = self.presence.connected(device)
+        if changed is not None:
+            await self._publish_presence(changed)
+
+    async def device_disconnected(self, device: DeviceAddress) -> None:
+        changed = self.presence.disconnected(device)
+        if changed is not None:
+            await self._publish_presence(changed)
+
+    async def _publish_presence(self, presence: Presence) -> None:
+        await self._publish(presence_topic(presence.user_id), encode_event(presence), retain=True)
+
+    async def presence_of(self, viewer: str, user_id: str) -> Presence:
+        if not await self._store.are_contacts(viewer, user_id):
+            raise NotFound(f"no presence of {user_id!r} for you")
+        return self.presence.of(user_id)
+
+    async def typing(self, device: DeviceAddress, command: Typing) -> None:
+        target = command.group_id or command.to_user or ""
+        if not self._typing.allow(device.client_id, target, command.state):
+            return  # ephemeral and throttled: dropping a repeat loses nothing
+        event = TypingEvent(
+            from_user=device.user_id, to_user=command.to_user, group_id=command.group_id, state=command.state
+        )
+        if command.group_id is not None:
+            if not await self.groups.is_member(command.group_id, device.user_id):
+                raise NotAMember(f"you are not a member of {command.group_id!r}")
+            await self._publish(group_topic(command.group_id), encode_event(event))
+        elif command.to_user is not None:
+            if not await self._store.are_contacts(device.user_id, command.to_user):
+                raise NotFound(f"no conversation with {command.to_user!r}")
+            await self._publish(stream_topic(command.to_user), encode_event(event))
 
     # -------------------------------------------------------------- output
+
+    async def publish_events(self, emitted: Emitted) -> None:
+        for user_id, event in emitted:
+            await self._publish(stream_topic(user_id), encode_event(event))
+        self.notifier.notify(user_id for user_id, _ in emitted)
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
         await self._publish(device_topic(device), encode_event(event))
 
-    async def _publish(self, topic: str, payload: bytes) -> None:
+    async def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         if self._publisher is not None:
-            await self._publisher.publish(topic, payload)
+            await self._publisher.publish(topic, payload, retain=retain)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -1,46 +1,95 @@
 """``MessageStore`` on SQLAlchemy: SQLite (aiosqlite) or PostgreSQL (asyncpg), picked by URL.
 
 Sequence allocation: every user row carries ``last_seq``. A write transaction locks
-the rows of every user it touches (``SELECT ... FOR UPDATE`` in user-id order, so two
-writers can never deadlock; SQLite gets the same effect from ``BEGIN IMMEDIATE``),
-then hands out ``last_seq + 1, + 2 ...`` and writes the new heads back. A second
-writer for the same user waits for the first to commit, so seqs follow commit order
-and a rolled-back transaction leaves no gap. Because the sender's row is locked
-before the duplicate check, two nodes retrying the same ``client_msg_id`` at once
+the rows of every user whose stream it will append to (``SELECT ... FOR UPDATE`` in
+user-id order, so two writers never deadlock; SQLite gets the same effect from
+``BEGIN IMMEDIATE``), hands out ``last_seq + 1, + 2 ...`` and writes the new heads
+back. A second writer for the same user waits for the first to commit, so seqs follow
+commit order and a rolled-back transaction leaves no gap. Because the sender's row is
+locked before the duplicate check, two nodes retrying one ``client_msg_id`` at once
 cannot both insert it.
+
+When the set of streams depends on data (group members, senders covered by a receipt)
+it is read first, then locked, then read again under the lock; if it grew meanwhile
+the transaction starts over (``_Retry``), so locks are still taken in one sorted pass.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+import secrets
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, event, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import and_, bindparam, event, func, insert, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from mqchat.bridge.store import (
     ConversationSummary,
+    Emitted,
+    GroupInfo,
+    Receipt,
     SendOutcome,
     SendRequest,
     StoredMessage,
     StreamPage,
 )
-from mqchat.bridge.tables import METADATA, device_cursors, messages, stream_events, users
-from mqchat.core.errors import ChatError, StorageUnavailable, UnknownRecipient, UserExists
-from mqchat.core.protocol import NewMessage, StreamEvent, format_time
+from mqchat.bridge.tables import (
+    METADATA,
+    conversation_marks,
+    device_cursors,
+    group_members,
+    groups,
+    messages,
+    stream_events,
+    users,
+)
+from mqchat.core.errors import (
+    ChatError,
+    GroupFull,
+    InvalidCommand,
+    NotAllowed,
+    NotAMember,
+    NotFound,
+    RecallWindowPassed,
+    StorageUnavailable,
+    UnknownGroup,
+    UnknownRecipient,
+    UnknownUser,
+    UserExists,
+)
+from mqchat.core.protocol import (
+    STREAM_EVENTS,
+    AnyStreamEvent,
+    GroupAction,
+    GroupUpdated,
+    MessageDelivered,
+    MessageRead,
+    MessageRecalled,
+    NewMessage,
+    ReadMarker,
+    format_time,
+)
 
 log = logging.getLogger(__name__)
 
 NEW_MESSAGE = "new_message"
+_RETRIES = 5
 
 
-def _utc(moment: datetime) -> datetime:
+class _Retry(Exception):
+    """The set of rows to lock changed between the read and the lock: start over."""
+
+
+def _utc(moment: datetime | None) -> datetime | None:
     # SQLite hands datetimes back naive; everything we store is UTC.
+    if moment is None:
+        return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
@@ -50,23 +99,28 @@ def _row_to_message(row: Any) -> StoredMessage:
         sender=row.sender,
         client_msg_id=row.client_msg_id,
         to_user=row.to_user,
+        group_id=row.group_id,
         content=row.content,
         msg_type=row.msg_type,
         sender_seq=row.sender_seq,
-        created_at=_utc(row.created_at),
+        created_at=_utc(row.created_at) or datetime.now(UTC),
+        recalled_at=_utc(row.recalled_at),
     )
 
 
 def render_new_message(seq: int, message: StoredMessage) -> NewMessage:
+    recalled = message.recalled_at is not None
     return NewMessage(
         seq=seq,
         server_msg_id=message.id,
         client_msg_id=message.client_msg_id,
         from_user=message.sender,
         to_user=message.to_user,
-        content=message.content,
+        group_id=message.group_id,
+        content=None if recalled else message.content,
         msg_type=message.msg_type,
         created_at=format_time(message.created_at),
+        recalled_at=format_time(message.recalled_at) if message.recalled_at else None,
     )
 
 
@@ -101,6 +155,60 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+class _Streams:
+    """Appends events to locked streams inside one transaction, then writes them out."""
+
+    def __init__(self, conn: AsyncConnection, heads: dict[str, int]) -> None:
+        self._conn = conn
+        self.heads = heads
+        self._start = dict(heads)
+        self._rows: list[dict[str, Any]] = []
+        self.emitted: list[tuple[str, AnyStreamEvent]] = []
+
+    def next_seq(self, user_id: str) -> int:
+        self.heads[user_id] += 1
+        return self.heads[user_id]
+
+    def add_message_entry(self, user_id: str, seq: int, message: StoredMessage) -> None:
+        self._rows.append(
+            {
+                "user_id": user_id,
+                "seq": seq,
+                "kind": NEW_MESSAGE,
+                "message_id": message.id,
+                "conversation_id": message.conversation_for(user_id),
+                "payload": None,
+            }
+        )
+        self.emitted.append((user_id, render_new_message(seq, message)))
+
+    def emit(self, user_id: str, event: AnyStreamEvent, conversation_id: str | None = None) -> None:
+        """Append a non-message event; ``event.seq`` is replaced by the allocated one."""
+        seq = self.next_seq(user_id)
+        event = event.model_copy(update={"seq": seq})
+        payload = event.model_dump_json(exclude={"seq", "type"})
+        self._rows.append(
+            {
+                "user_id": user_id,
+                "seq": seq,
+                "kind": event.type,
+                "message_id": None,
+                "conversation_id": conversation_id,
+                "payload": payload,
+            }
+        )
+        self.emitted.append((user_id, event))
+
+    async def flush(self) -> Emitted:
+        if self._rows:
+            await self._conn.execute(insert(stream_events), self._rows)
+        changed = [{"uid": u, "head": h} for u, h in self.heads.items() if h != self._start[u]]
+        if changed:
+            stmt = update(users).where(users.c.user_id == bindparam("uid")).values(last_seq=bindparam("head"))
+            await self._conn.execute(stmt, changed)
+        return tuple(self.emitted)
+
+
 class SqlStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -123,7 +231,7 @@ class SqlStore:
                     conn = await conn.execution_options(write=True)
                 async with conn.begin():
                     yield conn
-        except ChatError:
+        except (ChatError, _Retry):
             raise
         except (SQLAlchemyError, OSError) as exc:
             if not isinstance(exc, IntegrityError):  # a constraint is an answer, not an outage
@@ -140,6 +248,19 @@ class SqlStore:
     async def ping(self) -> None:
         async with self._tx() as conn:
             await conn.execute(text("SELECT 1"))
+
+    async def _lock(self, conn: AsyncConnection, user_ids: Iterable[str]) -> dict[str, int]:
+        """Lock the stream heads of these users, in id order; returns the heads that exist."""
+        wanted = sorted(set(user_ids))
+        if not wanted:
+            return {}
+        query = (
+            select(users.c.user_id, users.c.last_seq)
+            .where(users.c.user_id.in_(wanted))
+            .order_by(users.c.user_id)
+            .with_for_update()
+        )
+        return {row.user_id: row.last_seq for row in await conn.execute(query)}
 
     # ------------------------------------------------------------- users
 
@@ -166,19 +287,37 @@ class SqlStore:
     async def save_messages(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         if not requests:
             return []
-        async with self._tx(write=True) as conn:
-            heads = await self._lock_heads(conn, {u for r in requests for u in (r.sender, r.to_user)})
-            existing = await self._find_existing(conn, requests)
-            return await _BatchWriter(conn, heads, existing).write(requests)
+        for _ in range(_RETRIES):
+            try:
+                async with self._tx(write=True) as conn:
+                    return await self._save(conn, requests)
+            except _Retry:
+                continue
+        raise StorageUnavailable("group membership kept changing; nothing was stored")
 
-    async def _lock_heads(self, conn: AsyncConnection, user_ids: set[str]) -> dict[str, int]:
-        query = (
-            select(users.c.user_id, users.c.last_seq)
-            .where(users.c.user_id.in_(sorted(user_ids)))
-            .order_by(users.c.user_id)
-            .with_for_update()
+    async def _save(self, conn: AsyncConnection, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
+        group_ids = {r.group_id for r in requests if r.group_id is not None}
+        members = await self._members(conn, group_ids)
+        wanted = {r.sender for r in requests} | {r.to_user for r in requests if r.to_user is not None}
+        wanted |= {u for group in members.values() for u in group}
+        heads = await self._lock(conn, wanted)
+        if await self._members(conn, group_ids) != members:
+            raise _Retry
+        existing = await self._find_existing(conn, requests)
+        return await _BatchWriter(conn, _Streams(conn, heads), existing, members).write(requests)
+
+    async def _members(self, conn: AsyncConnection, group_ids: set[str]) -> dict[str, frozenset[str]]:
+        if not group_ids:
+            return {}
+        found: dict[str, set[str]] = {gid: set() for gid in group_ids}
+        exists = select(groups.c.group_id).where(groups.c.group_id.in_(sorted(group_ids)))
+        known = {row.group_id for row in await conn.execute(exists)}
+        query = select(group_members.c.group_id, group_members.c.user_id).where(
+            group_members.c.group_id.in_(sorted(group_ids)), group_members.c.active.is_(True)
         )
-        return {row.user_id: row.last_seq for row in await conn.execute(query)}
+        for row in await conn.execute(query):
+            found[row.group_id].add(row.user_id)
+        return {gid: frozenset(us) for gid, us in found.items() if gid in known}
 
     async def _find_existing(
         self, conn: AsyncConnection, requests: Sequence[SendRequest]
@@ -199,8 +338,8 @@ class SqlStore:
         async with self._tx() as conn:
             latest = await self._latest(conn, user_id)
             query = (
-                select(stream_events.c.seq, stream_events.c.kind, messages)
-                .join(messages, messages.c.id == stream_events.c.message_id)
+                select(stream_events.c.seq, stream_events.c.kind, stream_events.c.payload, messages)
+                .select_from(stream_events.outerjoin(messages, messages.c.id == stream_events.c.message_id))
                 .where(
                     stream_events.c.user_id == user_id,
                     stream_events.c.seq > since_seq,
@@ -210,7 +349,7 @@ class SqlStore:
                 .limit(limit + 1)
             )
             rows = list(await conn.execute(query))
-        events: list[StreamEvent] = [render_new_message(row.seq, _row_to_message(row)) for row in rows[:limit]]
+        events = [_render(row) for row in rows[:limit]]
         return StreamPage(events=events, latest_seq=latest, has_more=len(rows) > limit)
 
     async def latest_seq(self, user_id: str) -> int:
@@ -221,31 +360,99 @@ class SqlStore:
         result = await conn.execute(select(users.c.last_seq).where(users.c.user_id == user_id))
         return int(result.scalar_one_or_none() or 0)
 
-    async def advance_cursor(self, user_id: str, device_id: str, seq: int) -> int:
+    # ------------------------------------------------- cursors and receipts
+
+    async def advance_cursor(self, user_id: str, device_id: str, seq: int) -> tuple[int, Emitted]:
         async with self._tx(write=True) as conn:
-            # A device cannot have seen past the head of its stream.
-            seq = min(seq, await self._latest(conn, user_id))
-            values = {"user_id": user_id, "device_id": device_id, "acked_seq": seq, "updated_at": datetime.now(UTC)}
-            if self._dialect == "postgresql":
-                pg = postgresql.insert(device_cursors).values(**values)
-                stmt: Any = pg.on_conflict_do_update(
-                    index_elements=["user_id", "device_id"],
-                    set_={
-                        "acked_seq": func.greatest(device_cursors.c.acked_seq, pg.excluded.acked_seq),
-                        "updated_at": pg.excluded.updated_at,
-                    },
+            seq = min(seq, await self._latest(conn, user_id))  # nobody has seen past the head
+            covered = await self._newly_delivered(conn, user_id, seq)
+            streams = _Streams(conn, await self._lock(conn, {user_id} | {s for _, s, _ in covered}))
+            covered = await self._newly_delivered(conn, user_id, seq)  # under the lock: only smaller
+            await self._upsert_cursor(conn, user_id, device_id, seq)
+            now = datetime.now(UTC)
+            for conversation_id, sender, message_id in covered:
+                await self._raise_mark(conn, user_id, conversation_id, delivered=(message_id, now))
+                sender_view = conversation_id if conversation_id.startswith("group:") else f"user:{user_id}"
+                streams.emit(
+                    sender,
+                    MessageDelivered(
+                        seq=0,
+                        message_id=message_id,
+                        conversation_id=sender_view,
+                        delivered_to=user_id,
+                        delivered_at=format_time(now),
+                    ),
+                    sender_view,
                 )
-            else:
-                lite = sqlite.insert(device_cursors).values(**values)
-                stmt = lite.on_conflict_do_update(
-                    index_elements=["user_id", "device_id"],
-                    set_={
-                        "acked_seq": func.max(device_cursors.c.acked_seq, lite.excluded.acked_seq),
-                        "updated_at": lite.excluded.updated_at,
-                    },
-                )
-            await conn.execute(stmt)
-            return await self._cursor(conn, user_id, device_id)
+            emitted = await streams.flush()
+            return await self._cursor(conn, user_id, device_id), emitted
+
+    async def _newly_delivered(self, conn: AsyncConnection, user_id: str, upto: int) -> list[tuple[str, str, int]]:
+        """(conversation, sender, highest message id) of messages from others in the user's
+        stream after every device's cursor and up to ``upto``: those reach the user now."""
+        reached = await self._max_cursor(conn, user_id)
+        if upto <= reached:
+            return []
+        query = (
+            select(stream_events.c.conversation_id, messages.c.sender, func.max(messages.c.id))
+            .select_from(stream_events.join(messages, messages.c.id == stream_events.c.message_id))
+            .where(
+                stream_events.c.user_id == user_id,
+                stream_events.c.kind == NEW_MESSAGE,
+                stream_events.c.seq > reached,
+                stream_events.c.seq <= upto,
+                messages.c.sender != user_id,
+            )
+            .group_by(stream_events.c.conversation_id, messages.c.sender)
+        )
+        return sorted((row[0], row[1], int(row[2])) for row in await conn.execute(query))
+
+    async def _max_cursor(self, conn: AsyncConnection, user_id: str) -> int:
+        query = select(func.coalesce(func.max(device_cursors.c.acked_seq), 0)).where(
+            device_cursors.c.user_id == user_id
+        )
+        return int((await conn.execute(query)).scalar_one())
+
+    def _upsert(
+        self, table: Any, values: dict[str, Any], keys: list[str], greatest: dict[str, str], plain: Sequence[str] = ()
+    ) -> Any:
+        """INSERT ... ON CONFLICT: the named columns only move up (max of old and new)."""
+        dialect = postgresql if self._dialect == "postgresql" else sqlite
+        stmt = dialect.insert(table).values(**values)
+        grow = func.greatest if self._dialect == "postgresql" else func.max
+        changes: dict[str, Any] = {col: grow(table.c[col], stmt.excluded[col]) for col in greatest}
+        changes |= {col: stmt.excluded[col] for col in plain}
+        return stmt.on_conflict_do_update(index_elements=keys, set_=changes)
+
+    async def _upsert_cursor(self, conn: AsyncConnection, user_id: str, device_id: str, seq: int) -> None:
+        values = {"user_id": user_id, "device_id": device_id, "acked_seq": seq, "updated_at": datetime.now(UTC)}
+        await conn.execute(
+            self._upsert(device_cursors, values, ["user_id", "device_id"], {"acked_seq": ""}, ["updated_at"])
+        )
+
+    async def _raise_mark(
+        self,
+        conn: AsyncConnection,
+        user_id: str,
+        conversation_id: str,
+        *,
+        delivered: tuple[int, datetime] | None = None,
+        read: tuple[int, datetime] | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "user_id": user_id,
+            "conversation_id": conversation_id,
+            "delivered_upto": 0,
+            "read_upto": 0,
+        }
+        greatest: dict[str, str] = {}
+        plain: list[str] = []
+        for name, mark in (("delivered", delivered), ("read", read)):
+            if mark is not None:
+                values[f"{name}_upto"], values[f"{name}_at"] = mark
+                greatest[f"{name}_upto"] = ""
+                plain.append(f"{name}_at")
+        await conn.execute(self._upsert(conversation_marks, values, ["user_id", "conversation_id"], greatest, plain))
 
     async def get_cursor(self, user_id: str, device_id: str) -> int:
         async with self._tx() as conn:
@@ -257,146 +464,448 @@ class SqlStore:
         )
         return int((await conn.execute(query)).scalar_one_or_none() or 0)
 
+    async def mark_read(self, user_id: str, message_id: int) -> Emitted:
+        async with self._tx(write=True) as conn:
+            conversation_id = await self._conversation_of(conn, user_id, message_id)
+            covered = await self._newly_read(conn, user_id, conversation_id, message_id)
+            streams = _Streams(conn, await self._lock(conn, {user_id} | {s for s, _ in covered}))
+            covered = await self._newly_read(conn, user_id, conversation_id, message_id)
+            if await self._read_upto(conn, user_id, conversation_id) >= message_id:
+                return ()
+            now = datetime.now(UTC)
+            # Read implies delivered: a read message has certainly reached a device.
+            await self._raise_mark(conn, user_id, conversation_id, delivered=(message_id, now), read=(message_id, now))
+            for sender, highest in covered:
+                sender_view = conversation_id if conversation_id.startswith("group:") else f"user:{user_id}"
+                streams.emit(
+                    sender,
+                    MessageRead(
+                        seq=0,
+                        message_id=highest,
+                        conversation_id=sender_view,
+                        read_by=user_id,
+                        read_at=format_time(now),
+                    ),
+                    sender_view,
+                )
+            streams.emit(
+                user_id,
+                ReadMarker(seq=0, message_id=message_id, conversation_id=conversation_id, read_at=format_time(now)),
+                conversation_id,
+            )
+            return await streams.flush()
+
+    async def _conversation_of(self, conn: AsyncConnection, user_id: str, message_id: int) -> str:
+        """The conversation of a message in the user's stream, or ``NotFound`` if it never reached it."""
+        query = select(stream_events.c.conversation_id).where(
+            stream_events.c.user_id == user_id,
+            stream_events.c.message_id == message_id,
+            stream_events.c.kind == NEW_MESSAGE,
+        )
+        conversation_id = (await conn.execute(query)).scalar_one_or_none()
+        if conversation_id is None:
+            raise NotFound(f"message {message_id} is not in your conversations")
+        return str(conversation_id)
+
+    async def _read_upto(self, conn: AsyncConnection, user_id: str, conversation_id: str) -> int:
+        query = select(conversation_marks.c.read_upto).where(
+            conversation_marks.c.user_id == user_id, conversation_marks.c.conversation_id == conversation_id
+        )
+        return int((await conn.execute(query)).scalar_one_or_none() or 0)
+
+    async def _newly_read(
+        self, conn: AsyncConnection, user_id: str, conversation_id: str, upto: int
+    ) -> list[tuple[str, int]]:
+        after = await self._read_upto(conn, user_id, conversation_id)
+        query = (
+            select(messages.c.sender, func.max(messages.c.id))
+            .select_from(stream_events.join(messages, messages.c.id == stream_events.c.message_id))
+            .where(
+                stream_events.c.user_id == user_id,
+                stream_events.c.conversation_id == conversation_id,
+                stream_events.c.kind == NEW_MESSAGE,
+                messages.c.id > after,
+                messages.c.id <= upto,
+                messages.c.sender != user_id,
+            )
+            .group_by(messages.c.sender)
+        )
+        return sorted((row[0], int(row[1])) for row in await conn.execute(query))
+
+    async def recall(self, user_id: str, message_id: int, window_seconds: float) -> Emitted:
+        async with self._tx(write=True) as conn:
+            row = (await conn.execute(select(messages).where(messages.c.id == message_id))).one_or_none()
+            participants = await self._participants(conn, message_id)
+            if row is None or user_id not in participants:
+                raise NotFound(f"message {message_id} is not in your conversations")
+            message = _row_to_message(row)
+            if message.sender != user_id:
+                raise NotAllowed("only the sender can recall a message")
+            if message.recalled_at is not None:
+                return ()  # already a tombstone: recalling again changes nothing
+            now = datetime.now(UTC)
+            if (now - message.created_at).total_seconds() > window_seconds:
+                raise RecallWindowPassed(f"messages can be recalled for {window_seconds:g} s after sending")
+            streams = _Streams(conn, await self._lock(conn, participants))
+            await conn.execute(update(messages).where(messages.c.id == message_id).values(recalled_at=now))
+            for participant, conversation_id in sorted(participants.items()):
+                streams.emit(
+                    participant,
+                    MessageRecalled(
+                        seq=0,
+                        message_id=message_id,
+                        conversation_id=conversation_id,
+                        recalled_by=user_id,
+                        recalled_at=format_time(now),
+                    ),
+                    conversation_id,
+                )
+            return await streams.flush()
+
+    async def _participants(self, conn: AsyncConnection, message_id: int) -> dict[str, str]:
+        """Users whose stream holds the message, with the conversation id each sees."""
+        query = select(stream_events.c.user_id, stream_events.c.conversation_id).where(
+            stream_events.c.message_id == message_id, stream_events.c.kind == NEW_MESSAGE
+        )
+        return {row.user_id: row.conversation_id for row in await conn.execute(query)}
+
+    async def receipts(self, user_id: str, message_id: int) -> list[Receipt]:
+        async with self._tx() as conn:
+            participants = await self._participants(conn, message_id)
+            sender = (await conn.execute(select(messages.c.sender).where(messages.c.id == message_id))).scalar()
+            if user_id not in participants or sender is None:
+                raise NotFound(f"message {message_id} is not in your conversations")
+            others = {u: c for u, c in participants.items() if u != sender}
+            if not others:
+                return []
+            keys = [(u, c) for u, c in others.items()]
+            query = select(conversation_marks).where(
+                tuple_(conversation_marks.c.user_id, conversation_marks.c.conversation_id).in_(keys)
+            )
+            marks = {row.user_id: row for row in await conn.execute(query)}
+        receipts = []
+        for other in sorted(others):
+            mark = marks.get(other)
+            delivered = _utc(mark.delivered_at) if mark is not None and mark.delivered_upto >= message_id else None
+            read = _utc(mark.read_at) if mark is not None and mark.read_upto >= message_id else None
+            receipts.append(Receipt(other, delivered, read))
+        return receipts
+
+    # ------------------------------------------------------- conversations
+
     async def conversations(self, user_id: str, limit: int) -> list[ConversationSummary]:
         async with self._tx() as conn:
             heads = await conn.execute(
-                text(
-                    "SELECT peer, MAX(id) AS last_id FROM ("
-                    " SELECT to_user AS peer, id FROM messages WHERE sender = :me"
-                    " UNION ALL SELECT sender AS peer, id FROM messages WHERE to_user = :me"
-                    ") AS t GROUP BY peer ORDER BY last_id DESC LIMIT :limit"
-                ),
-                {"me": user_id, "limit": limit},
+                select(stream_events.c.conversation_id, func.max(stream_events.c.message_id).label("last_id"))
+                .where(stream_events.c.user_id == user_id, stream_events.c.kind == NEW_MESSAGE)
+                .group_by(stream_events.c.conversation_id)
+                .order_by(func.max(stream_events.c.message_id).desc())
+                .limit(limit)
             )
-            last_ids = {row.peer: row.last_id for row in heads}
-            if not last_ids:
-                return []
+            last_ids = {row.conversation_id: int(row.last_id) for row in heads}
             rows = await conn.execute(select(messages).where(messages.c.id.in_(list(last_ids.values()))))
             by_id = {row.id: _row_to_message(row) for row in rows}
-            unread = await self._unread_by_peer(conn, user_id)
-        return [
-            ConversationSummary(f"user:{peer}", peer, by_id[last_id], unread.get(peer, 0))
-            for peer, last_id in last_ids.items()
+            unread = await self._unread(conn, user_id)
+            names = {g.group_id: g.name for g in await self._groups_of(conn, user_id)}
+        summaries = [
+            ConversationSummary(cid, by_id[last_id], unread.get(cid, 0), names.get(cid.removeprefix("group:")))
+            for cid, last_id in last_ids.items()
         ]
+        quiet = [
+            ConversationSummary(f"group:{gid}", None, 0, name)
+            for gid, name in names.items()
+            if f"group:{gid}" not in last_ids
+        ]
+        return (summaries + sorted(quiet, key=lambda s: s.conversation_id))[:limit]
 
-    async def _unread_by_peer(self, conn: AsyncConnection, user_id: str) -> dict[str, int]:
-        # Until read markers exist, "unread" means: not yet acked by any of the user's devices.
-        seen = (
-            select(func.coalesce(func.max(device_cursors.c.acked_seq), 0))
-            .where(device_cursors.c.user_id == user_id)
-            .scalar_subquery()
-        )
+    async def _unread(self, conn: AsyncConnection, user_id: str) -> dict[str, int]:
+        """Messages from others after the read marker, per conversation, recalled ones excluded."""
+        marks = conversation_marks.alias("marks")
         query = (
-            select(messages.c.sender, func.count())
-            .select_from(stream_events.join(messages, messages.c.id == stream_events.c.message_id))
-            .where(stream_events.c.user_id == user_id, stream_events.c.seq > seen, messages.c.sender != user_id)
-            .group_by(messages.c.sender)
+            select(stream_events.c.conversation_id, func.count())
+            .select_from(
+                stream_events.join(messages, messages.c.id == stream_events.c.message_id).outerjoin(
+                    marks,
+                    and_(
+                        marks.c.user_id == stream_events.c.user_id,
+                        marks.c.conversation_id == stream_events.c.conversation_id,
+                    ),
+                )
+            )
+            .where(
+                stream_events.c.user_id == user_id,
+                stream_events.c.kind == NEW_MESSAGE,
+                messages.c.sender != user_id,
+                messages.c.recalled_at.is_(None),
+                messages.c.id > func.coalesce(marks.c.read_upto, 0),
+            )
+            .group_by(stream_events.c.conversation_id)
         )
         return {row[0]: int(row[1]) for row in await conn.execute(query)}
 
-    async def history(self, user_id: str, peer: str, before_id: int | None, limit: int) -> list[StoredMessage]:
-        between = or_(
-            and_(messages.c.sender == user_id, messages.c.to_user == peer),
-            and_(messages.c.sender == peer, messages.c.to_user == user_id),
+    async def history(
+        self, user_id: str, conversation_id: str, before_id: int | None, limit: int
+    ) -> list[StoredMessage]:
+        query = (
+            select(messages)
+            .select_from(stream_events.join(messages, messages.c.id == stream_events.c.message_id))
+            .where(
+                stream_events.c.user_id == user_id,
+                stream_events.c.conversation_id == conversation_id,
+                stream_events.c.kind == NEW_MESSAGE,
+            )
         )
-        query = select(messages).where(between)
         if before_id is not None:
             query = query.where(messages.c.id < before_id)
         query = query.order_by(messages.c.id.desc()).limit(limit)
         async with self._tx() as conn:
             return [_row_to_message(row) for row in await conn.execute(query)]
 
+    # -------------------------------------------------------------- groups
+
+    async def create_group(
+        self, owner: str, name: str, members: Sequence[str], limit: int
+    ) -> tuple[GroupInfo, Emitted]:
+        everyone = {owner, *members}
+        if len(everyone) > limit:
+            raise GroupFull(f"a group has at most {limit} members")
+        group_id = f"g{secrets.token_hex(8)}"
+        async with self._tx(write=True) as conn:
+            streams = _Streams(conn, await self._lock(conn, everyone))
+            missing = sorted(everyone - set(streams.heads))
+            if missing:
+                raise UnknownUser(f"no such user(s): {', '.join(missing)}")
+            now = datetime.now(UTC)
+            await conn.execute(insert(groups).values(group_id=group_id, name=name, owner=owner, created_at=now))
+            await conn.execute(
+                insert(group_members),
+                [{"group_id": group_id, "user_id": u, "active": True, "joined_at": now} for u in sorted(everyone)],
+            )
+            for member in sorted(everyone):
+                self._group_event(streams, member, group_id, "created", owner, owner)
+            emitted = await streams.flush()
+        return GroupInfo(group_id, name, owner, tuple(sorted(everyone)), now), emitted
+
+    @staticmethod
+    def _group_event(streams: _Streams, to: str, group_id: str, action: GroupAction, user_id: str, by: str) -> None:
+        streams.emit(
+            to, GroupUpdated(seq=0, group_id=group_id, action=action, user_id=user_id, by=by), f"group:{group_id}"
+        )
+
+    async def add_member(self, group_id: str, by: str, user_id: str, limit: int) -> Emitted:
+        for _ in range(_RETRIES):
+            try:
+                async with self._tx(write=True) as conn:
+                    group, members = await self._group_for_change(conn, group_id)
+                    if group.owner != by:
+                        raise NotAllowed("only the group's owner adds members")
+                    if user_id in members:
+                        return ()
+                    if len(members) + 1 > limit:
+                        raise GroupFull(f"a group has at most {limit} members")
+                    streams = await self._lock_members(conn, group_id, members | {user_id})
+                    if user_id not in streams.heads:
+                        raise UnknownUser(f"no such user {user_id!r}")
+                    values = {"group_id": group_id, "user_id": user_id, "active": True, "joined_at": datetime.now(UTC)}
+                    dialect = postgresql if self._dialect == "postgresql" else sqlite
+                    stmt = dialect.insert(group_members).values(**values)
+                    await conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=["group_id", "user_id"],
+                            set_={"active": True, "joined_at": stmt.excluded.joined_at},
+                        )
+                    )
+                    for member in sorted(members | {user_id}):
+                        self._group_event(streams, member, group_id, "member_added", user_id, by)
+                    return await streams.flush()
+            except _Retry:
+                continue
+        raise StorageUnavailable("group membership kept changing; try again")
+
+    async def remove_member(self, group_id: str, by: str, user_id: str) -> Emitted:
+        for _ in range(_RETRIES):
+            try:
+                async with self._tx(write=True) as conn:
+                    group, members = await self._group_for_change(conn, group_id)
+                    if by != user_id and group.owner != by:
+                        raise NotAllowed("only the group's owner removes members; members may leave")
+                    if user_id == group.owner:
+                        raise NotAllowed("the owner cannot leave or be removed")
+                    if user_id not in members:
+                        raise NotAMember(f"{user_id!r} is not a member of {group_id!r}")
+                    streams = await self._lock_members(conn, group_id, members)
+                    await conn.execute(
+                        update(group_members)
+                        .where(group_members.c.group_id == group_id, group_members.c.user_id == user_id)
+                        .values(active=False)
+                    )
+                    action: GroupAction = "member_left" if by == user_id else "member_removed"
+                    for member in sorted(members):
+                        self._group_event(streams, member, group_id, action, user_id, by)
+                    return await streams.flush()
+            except _Retry:
+                continue
+        raise StorageUnavailable("group membership kept changing; try again")
+
+    async def _group_for_change(self, conn: AsyncConnection, group_id: str) -> tuple[GroupInfo, frozenset[str]]:
+        group = await self._group(conn, group_id)
+        return group, frozenset(group.members)
+
+    async def _lock_members(self, conn: AsyncConnection, group_id: str, wanted: frozenset[str]) -> _Streams:
+        streams = _Streams(conn, await self._lock(conn, wanted))
+        now_members = (await self._members(conn, {group_id})).get(group_id, frozenset())
+        if not now_members <= wanted:
+            raise _Retry
+        return streams
+
+    async def get_group(self, group_id: str) -> GroupInfo:
+        async with self._tx() as conn:
+            return await self._group(conn, group_id)
+
+    async def _group(self, conn: AsyncConnection, group_id: str) -> GroupInfo:
+        row = (await conn.execute(select(groups).where(groups.c.group_id == group_id))).one_or_none()
+        if row is None:
+            raise UnknownGroup(f"no such group {group_id!r}")
+        members = (await self._members(conn, {group_id}))[group_id]
+        return GroupInfo(
+            row.group_id, row.name, row.owner, tuple(sorted(members)), _utc(row.created_at) or datetime.now(UTC)
+        )
+
+    async def groups_of(self, user_id: str) -> list[GroupInfo]:
+        async with self._tx() as conn:
+            return await self._groups_of(conn, user_id)
+
+    async def _groups_of(self, conn: AsyncConnection, user_id: str) -> list[GroupInfo]:
+        query = select(group_members.c.group_id).where(
+            group_members.c.user_id == user_id, group_members.c.active.is_(True)
+        )
+        ids = sorted(row.group_id for row in await conn.execute(query))
+        return [await self._group(conn, gid) for gid in ids]
+
+    async def active_members(self, group_id: str) -> frozenset[str]:
+        async with self._tx() as conn:
+            return (await self._members(conn, {group_id})).get(group_id, frozenset())
+
+    async def are_contacts(self, user_id: str, other: str) -> bool:
+        if user_id == other:
+            return True
+        async with self._tx() as conn:
+            direct = (
+                select(stream_events.c.seq)
+                .where(stream_events.c.user_id == user_id, stream_events.c.conversation_id == f"user:{other}")
+                .limit(1)
+            )
+            if (await conn.execute(direct)).first() is not None:
+                return True
+            mine = select(group_members.c.group_id).where(
+                group_members.c.user_id == user_id, group_members.c.active.is_(True)
+            )
+            shared = (
+                select(group_members.c.group_id)
+                .where(
+                    group_members.c.user_id == other,
+                    group_members.c.active.is_(True),
+                    group_members.c.group_id.in_(mine),
+                )
+                .limit(1)
+            )
+            return (await conn.execute(shared)).first() is not None
+
+
+def _render(row: Any) -> AnyStreamEvent:
+    if row.kind == NEW_MESSAGE:
+        return render_new_message(row.seq, _row_to_message(row))
+    data = json.loads(row.payload)
+    data.update(type=row.kind, seq=row.seq)
+    event: AnyStreamEvent = STREAM_EVENTS[row.kind].model_validate(data)  # type: ignore[assignment]
+    return event
+
 
 class _BatchWriter:
     """Allocates seqs and writes one batch of sends inside an open, locked transaction."""
 
     def __init__(
-        self, conn: AsyncConnection, heads: dict[str, int], existing: dict[tuple[str, str], StoredMessage]
+        self,
+        conn: AsyncConnection,
+        streams: _Streams,
+        existing: dict[tuple[str, str], StoredMessage],
+        members: dict[str, frozenset[str]],
     ) -> None:
         self._conn = conn
-        self._heads = heads
-        self._start = dict(heads)
+        self._streams = streams
         self._existing = existing
+        self._members = members
 
     async def write(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         results: list[SendOutcome | ChatError | None] = [None] * len(requests)
-        fresh: list[tuple[int, SendRequest, dict[str, Any]]] = []
-        batch_keys: dict[tuple[str, str], int] = {}
-        now = datetime.now(UTC)
+        fresh: list[tuple[int, SendRequest, list[str]]] = []
+        firsts: dict[tuple[str, str], int] = {}
         for index, request in enumerate(requests):
             key = (request.sender, request.client_msg_id)
             if key in self._existing:
                 results[index] = SendOutcome(self._existing[key], True, ())
-            elif key in batch_keys:
+            elif key in firsts:
                 continue  # a repeat within this batch: answered from the first copy below
-            elif request.to_user not in self._heads or request.sender not in self._heads:
-                results[index] = UnknownRecipient(f"no such user {request.to_user!r}", ref=request.client_msg_id)
             else:
-                batch_keys[key] = index
-                fresh.append((index, request, self._allocate(request, now)))
-        stored = await self._insert(fresh)
-        for (index, request, row), message in zip(fresh, stored, strict=True):
-            results[index] = SendOutcome(message, False, self._events_for(request, row, message))
+                audience = self._audience(request)
+                if isinstance(audience, ChatError):
+                    results[index] = audience
+                else:
+                    firsts[key] = index
+                    fresh.append((index, request, audience))
+        for (index, _, _), outcome in zip(fresh, await self._insert(fresh), strict=True):
+            results[index] = outcome
         for index, request in enumerate(requests):
             if results[index] is None:
-                original = results[batch_keys[(request.sender, request.client_msg_id)]]
+                original = results[firsts[(request.sender, request.client_msg_id)]]
                 assert isinstance(original, SendOutcome)
                 results[index] = SendOutcome(original.message, True, ())
-        await self._write_heads()
+        await self._streams.flush()
         return [r for r in results if r is not None]
 
-    def _allocate(self, request: SendRequest, now: datetime) -> dict[str, Any]:
-        self._heads[request.sender] += 1
-        row: dict[str, Any] = {
-            "sender": request.sender,
-            "client_msg_id": request.client_msg_id,
-            "to_user": request.to_user,
-            "content": request.content,
-            "msg_type": request.msg_type,
-            "sender_seq": self._heads[request.sender],
-            "created_at": now,
-        }
-        if request.to_user != request.sender:  # a note to self has one stream entry
-            self._heads[request.to_user] += 1
-            row["_recipient_seq"] = self._heads[request.to_user]
-        return row
+    def _audience(self, request: SendRequest) -> list[str] | ChatError:
+        """Whose streams get the message, sender first; or why it cannot be sent."""
+        ref = request.client_msg_id
+        if request.sender not in self._streams.heads:
+            return UnknownUser(f"no such user {request.sender!r}", ref=ref)
+        if request.group_id is not None:
+            members = self._members.get(request.group_id)
+            if members is None:
+                return UnknownGroup(f"no such group {request.group_id!r}", ref=ref)
+            if request.sender not in members:
+                return NotAMember(f"you are not a member of {request.group_id!r}", ref=ref)
+            return [request.sender, *sorted(members - {request.sender})]
+        if request.to_user is None:
+            return InvalidCommand("give to_user or group_id", ref=ref)
+        if request.to_user not in self._streams.heads:
+            return UnknownRecipient(f"no such user {request.to_user!r}", ref=ref)
+        # A note to self has one stream entry.
+        return [request.sender] if request.to_user == request.sender else [request.sender, request.to_user]
 
-    async def _insert(self, fresh: list[tuple[int, SendRequest, dict[str, Any]]]) -> list[StoredMessage]:
+    async def _insert(self, fresh: list[tuple[int, SendRequest, list[str]]]) -> list[SendOutcome]:
         if not fresh:
             return []
-        rows = [{k: v for k, v in row.items() if not k.startswith("_")} for _, _, row in fresh]
-        result = await self._conn.execute(insert(messages).returning(messages, sort_by_parameter_order=True), rows)
-        stored = [_row_to_message(row) for row in result]
-        entries = []
-        for (_, request, row), message in zip(fresh, stored, strict=True):
-            entries.append(
-                {"user_id": request.sender, "seq": row["sender_seq"], "kind": NEW_MESSAGE, "message_id": message.id}
-            )
-            if "_recipient_seq" in row:
-                entries.append(
-                    {
-                        "user_id": request.to_user,
-                        "seq": row["_recipient_seq"],
-                        "kind": NEW_MESSAGE,
-                        "message_id": message.id,
-                    }
-                )
-        await self._conn.execute(insert(stream_events), entries)
-        return stored
-
-    @staticmethod
-    def _events_for(
-        request: SendRequest, row: dict[str, Any], message: StoredMessage
-    ) -> tuple[tuple[str, StreamEvent], ...]:
-        events: list[tuple[str, StreamEvent]] = [(request.sender, render_new_message(row["sender_seq"], message))]
-        if "_recipient_seq" in row:
-            events.append((request.to_user, render_new_message(row["_recipient_seq"], message)))
-        return tuple(events)
-
-    async def _write_heads(self) -> None:
-        changed = [
-            {"uid": user_id, "head": head} for user_id, head in self._heads.items() if head != self._start[user_id]
+        now = datetime.now(UTC)
+        seqs = [[self._streams.next_seq(user) for user in audience] for _, _, audience in fresh]
+        rows = [
+            {
+                "sender": r.sender,
+                "client_msg_id": r.client_msg_id,
+                "to_user": r.to_user,
+                "group_id": r.group_id,
+                "content": r.content,
+                "msg_type": r.msg_type,
+                "sender_seq": user_seqs[0],
+                "created_at": now,
+            }
+            for (_, r, _), user_seqs in zip(fresh, seqs, strict=True)
         ]
-        if changed:
-            stmt = update(users).where(users.c.user_id == bindparam("uid")).values(last_seq=bindparam("head"))
-            await self._conn.execute(stmt, changed)
+        result = await self._conn.execute(insert(messages).returning(messages, sort_by_parameter_order=True), rows)
+        outcomes = []
+        for row, (_, _, audience), user_seqs in zip(result, fresh, seqs, strict=True):
+            message = _row_to_message(row)
+            before = len(self._streams.emitted)
+            for user, seq in zip(audience, user_seqs, strict=True):
+                self._streams.add_message_entry(user, seq, message)
+            outcomes.append(SendOutcome(message, False, tuple(self._streams.emitted[before:])))
+        return outcomes

@@ -1,6 +1,8 @@
 """The storage interface the chat service talks to, and the values it exchanges.
 
-``SqlStore`` (sql.py) is the real implementation, on SQLite or PostgreSQL.
+``SqlStore`` (sql.py) is the real implementation, on SQLite or PostgreSQL. Every
+write that adds stream events returns them as ``Emitted`` so the service can publish
+exactly what was committed.
 """
 
 from __future__ import annotations
@@ -11,16 +13,20 @@ from datetime import datetime
 from typing import Protocol
 
 from mqchat.core.errors import ChatError
-from mqchat.core.protocol import MsgType, StreamEvent
+from mqchat.core.protocol import AnyStreamEvent, MsgType
+
+Emitted = tuple[tuple[str, AnyStreamEvent], ...]
+"""(user_id, event) pairs: new entries of users' streams, in seq order per user."""
 
 
 @dataclass(frozen=True, slots=True)
 class SendRequest:
     sender: str
     client_msg_id: str
-    to_user: str
     content: str
     msg_type: MsgType
+    to_user: str | None = None
+    group_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,26 +34,34 @@ class StoredMessage:
     id: int
     sender: str
     client_msg_id: str
-    to_user: str
+    to_user: str | None
+    group_id: str | None
     content: str
     msg_type: MsgType
     sender_seq: int
     created_at: datetime
+    recalled_at: datetime | None = None
+
+    def conversation_for(self, viewer: str) -> str:
+        """The conversation id as ``viewer`` sees it: ``group:{id}`` or ``user:{the other}``."""
+        if self.group_id is not None:
+            return f"group:{self.group_id}"
+        return f"user:{self.to_user if viewer == self.sender else self.sender}"
 
 
 @dataclass(frozen=True, slots=True)
 class SendOutcome:
-    """What one send did. ``events`` holds the new stream entries (user_id, event), empty
-    for a duplicate, whose stored original is returned as ``message``."""
+    """What one send did. ``events`` is empty for a duplicate, whose stored original is
+    returned as ``message``."""
 
     message: StoredMessage
     duplicate: bool
-    events: tuple[tuple[str, StreamEvent], ...]
+    events: Emitted
 
 
 @dataclass(frozen=True, slots=True)
 class StreamPage:
-    events: list[StreamEvent]
+    events: list[AnyStreamEvent]
     latest_seq: int
     has_more: bool
 
@@ -55,9 +69,25 @@ class StreamPage:
 @dataclass(frozen=True, slots=True)
 class ConversationSummary:
     conversation_id: str
-    peer: str
-    last_message: StoredMessage
+    last_message: StoredMessage | None
     unread_count: int
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    group_id: str
+    name: str
+    owner: str
+    members: tuple[str, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    user_id: str
+    delivered_at: datetime | None
+    read_at: datetime | None
 
 
 class MessageStore(Protocol):
@@ -84,12 +114,38 @@ class MessageStore(Protocol):
 
     async def latest_seq(self, user_id: str) -> int: ...
 
-    async def advance_cursor(self, user_id: str, device_id: str, seq: int) -> int:
-        """Move a device's cursor forward (never back); return the cursor now stored."""
+    async def advance_cursor(self, user_id: str, device_id: str, seq: int) -> tuple[int, Emitted]:
+        """Move a device's cursor forward (never back). Messages that thereby reach the
+        user's first device become delivered: returns the cursor and the receipts."""
 
     async def get_cursor(self, user_id: str, device_id: str) -> int: ...
 
+    async def mark_read(self, user_id: str, message_id: int) -> Emitted: ...
+
+    async def recall(self, user_id: str, message_id: int, window_seconds: float) -> Emitted: ...
+
+    async def receipts(self, user_id: str, message_id: int) -> list[Receipt]: ...
+
     async def conversations(self, user_id: str, limit: int) -> list[ConversationSummary]: ...
 
-    async def history(self, user_id: str, peer: str, before_id: int | None, limit: int) -> list[StoredMessage]:
-        """Messages between ``user_id`` and ``peer``, newest first, ids below ``before_id``."""
+    async def history(
+        self, user_id: str, conversation_id: str, before_id: int | None, limit: int
+    ) -> list[StoredMessage]:
+        """The messages of a conversation that reached ``user_id``'s stream, newest first."""
+
+    async def create_group(
+        self, owner: str, name: str, members: Sequence[str], limit: int
+    ) -> tuple[GroupInfo, Emitted]: ...
+
+    async def add_member(self, group_id: str, by: str, user_id: str, limit: int) -> Emitted: ...
+
+    async def remove_member(self, group_id: str, by: str, user_id: str) -> Emitted: ...
+
+    async def get_group(self, group_id: str) -> GroupInfo: ...
+
+    async def groups_of(self, user_id: str) -> list[GroupInfo]: ...
+
+    async def active_members(self, group_id: str) -> frozenset[str]: ...
+
+    async def are_contacts(self, user_id: str, other: str) -> bool:
+        """Whether the two share a conversation or a group (who may see whose presence)."""

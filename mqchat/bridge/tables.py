@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, Index, Integer, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
@@ -22,35 +22,63 @@ class User(SQLModel, table=True):
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
+class Group(SQLModel, table=True):
+    __tablename__ = "groups"
+
+    group_id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=100)
+    owner: str = Field(max_length=64, foreign_key="users.user_id")
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class GroupMember(SQLModel, table=True):
+    """Membership. A removed member's row stays, inactive: history is read from the
+    member's own stream, which simply stops at the removal."""
+
+    __tablename__ = "group_members"
+    __table_args__ = (Index("ix_group_members_user", "user_id", "active"),)
+
+    group_id: str = Field(primary_key=True, max_length=64, foreign_key="groups.group_id")
+    user_id: str = Field(primary_key=True, max_length=64, foreign_key="users.user_id")
+    active: bool = Field(sa_column=Column(Boolean, nullable=False))
+    joined_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
 class Message(SQLModel, table=True):
     __tablename__ = "messages"
-    __table_args__ = (
-        UniqueConstraint("sender", "client_msg_id", name="uq_messages_sender_client_msg_id"),
-        Index("ix_messages_sender_to", "sender", "to_user", "id"),
-        Index("ix_messages_to_sender", "to_user", "sender", "id"),
-    )
+    __table_args__ = (UniqueConstraint("sender", "client_msg_id", name="uq_messages_sender_client_msg_id"),)
 
     id: int | None = Field(default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True))
     sender: str = Field(max_length=64, foreign_key="users.user_id")
     client_msg_id: str = Field(max_length=64)
-    to_user: str = Field(max_length=64, foreign_key="users.user_id")
+    to_user: str | None = Field(default=None, max_length=64, foreign_key="users.user_id")
+    group_id: str | None = Field(default=None, max_length=64, foreign_key="groups.group_id")
     content: str = Field(sa_column=Column(Text, nullable=False))
     msg_type: str = Field(max_length=16)
     # The message's seq in the sender's own stream, returned again on a duplicate send.
     sender_seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # A recalled message is kept for audit; history and sync stop serving its content.
+    recalled_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
 
 
 class StreamEventRow(SQLModel, table=True):
-    """One entry of a user's stream. Events are rendered from the rows they point at,
-    so that sync replays them exactly as they were published live."""
+    """One entry of a user's stream. Message events are rendered from the message row (so
+    a recall turns them into tombstones); other events keep their JSON ``payload``."""
 
     __tablename__ = "stream_events"
+    __table_args__ = (
+        Index("ix_stream_events_conversation", "user_id", "conversation_id", "message_id"),
+        Index("ix_stream_events_message", "message_id"),
+    )
 
     user_id: str = Field(primary_key=True, max_length=64, foreign_key="users.user_id")
     seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     kind: str = Field(max_length=32)
+    # From the stream owner's point of view: "user:{peer}" or "group:{group_id}".
+    conversation_id: str | None = Field(default=None, sa_column=Column(String(72), nullable=True))
     message_id: int | None = Field(default=None, sa_column=Column(_BigId, ForeignKey("messages.id"), nullable=True))
+    payload: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class DeviceCursor(SQLModel, table=True):
@@ -62,8 +90,24 @@ class DeviceCursor(SQLModel, table=True):
     updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
+class ConversationMark(SQLModel, table=True):
+    """Per user and conversation: delivered and read watermarks (message ids)."""
+
+    __tablename__ = "conversation_marks"
+
+    user_id: str = Field(primary_key=True, max_length=64, foreign_key="users.user_id")
+    conversation_id: str = Field(primary_key=True, max_length=72)
+    delivered_upto: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    delivered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    read_upto: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    read_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
 METADATA = SQLModel.metadata
 users = User.__table__  # type: ignore[attr-defined]
+groups = Group.__table__  # type: ignore[attr-defined]
+group_members = GroupMember.__table__  # type: ignore[attr-defined]
 messages = Message.__table__  # type: ignore[attr-defined]
 stream_events = StreamEventRow.__table__  # type: ignore[attr-defined]
 device_cursors = DeviceCursor.__table__  # type: ignore[attr-defined]
+conversation_marks = ConversationMark.__table__  # type: ignore[attr-defined]

@@ -21,7 +21,15 @@ from mqchat.bridge.services import Services
 from mqchat.core.errors import ChatError, NotAllowed
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.protocol import error_event
-from mqchat.core.topics import device_topic, inbox_topic, may_subscribe, stream_topic
+from mqchat.core.topics import (
+    GROUP_PREFIX,
+    PRESENCE_PREFIX,
+    device_topic,
+    id_after,
+    inbox_topic,
+    may_subscribe,
+    stream_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +75,9 @@ class TokenAuthPlugin(BaseAuthPlugin):
 
 
 class ChatAclPlugin(BaseTopicPlugin):
-    """Subscribe: own stream and own device topic only. Publish: own ``chat/in`` only."""
+    """Publish: own ``chat/in`` only. Subscribe: own stream and device topic; the topic
+    of a group the user is in (checked again on every delivery, so a removed member
+    stops receiving at once); the presence of a user one shares a conversation with."""
 
     @dataclass
     class Config:
@@ -75,6 +85,7 @@ class ChatAclPlugin(BaseTopicPlugin):
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
+        self._services: Services = self.config.services
 
     async def topic_filtering(
         self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
@@ -84,8 +95,17 @@ class ChatAclPlugin(BaseTopicPlugin):
             return False
         if action == Action.PUBLISH:
             return topic == inbox_topic(device)
-        # SUBSCRIBE checks the filter; RECEIVE re-checks each delivered topic.
-        return may_subscribe(device, topic)
+        if may_subscribe(device, topic):
+            return True
+        chat = self._services.chat
+        group_id = id_after(GROUP_PREFIX, topic)
+        if group_id is not None:
+            return await chat.groups.is_member(group_id, device.user_id)
+        user_id = id_after(PRESENCE_PREFIX, topic)
+        if user_id is not None:
+            # Presence is vetted once, at SUBSCRIBE; a delivery on a vetted filter passes.
+            return action == Action.RECEIVE or await chat.store.are_contacts(device.user_id, user_id)
+        return False
 
 
 @dataclass
@@ -150,10 +170,18 @@ class ChatBridgePlugin(BasePlugin[BrokerContext]):
         if state is not None:
             state.topics.discard(topic)
 
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        device = session_device(client_session)
+        if device is not None:
+            await self._chat.device_connected(device)
+
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
         state = self._devices.pop(client_id, None)
         if state is not None and state.catch_up is not None:
             state.catch_up.cancel()
+        device = session_device(client_session)
+        if device is not None:
+            await self._chat.device_disconnected(device)
 
     def _schedule_catch_up(self, client_id: str, device: DeviceAddress, state: _DeviceState) -> None:
         # One SUBSCRIBE for both topics fires two events: coalesce them, and run again
@@ -178,6 +206,8 @@ class _BrokerPublisher:
     def __init__(self, context: BrokerContext) -> None:
         self._context = context
 
-    async def publish(self, topic: str, payload: bytes) -> None:
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if retain:
+            await self._context.retain_message(topic, payload, qos=1)
         # qos=None: each subscriber gets the QoS it subscribed with.
         await self._context.broadcast_message(topic, payload, qos=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any
@@ -60,6 +61,7 @@ class ChatBroker(Broker):
             await ConnackPacket.build(0, code).to_stream(writer)
             await writer.close()
             raise MQTTError(f"connection refused with CONNACK {code}")
+        _enforce_keepalive(handler, session)
         return await self._adopt_session(handler, session)
 
     async def _adopt_session(
@@ -100,6 +102,26 @@ class ChatBroker(Broker):
         instance = self._servers[listener].instance
         sockets = list(instance.sockets)
         return int(sockets[0].getsockname()[1])
+
+
+def _enforce_keepalive(handler: BrokerProtocolHandler, session: Session) -> None:
+    """Close a connection that stays silent for 1.5 x its keep-alive (MQTT 3.1.1, 3.1.2.10).
+
+    amqtt times the read out after the keep-alive but then does nothing, so a dead
+    device would never go offline. The reader waits for the next packet with
+    ``session.keep_alive`` as its timeout, reset by every packet.
+    """
+    if not session.keep_alive or session.keep_alive <= 0:
+        return
+    session.keep_alive = session.keep_alive * 1.5
+    closing: list[asyncio.Task[None]] = []
+
+    def expired() -> None:
+        if not closing:
+            log.info("%s silent for 1.5 x keep-alive: closing", session.client_id)
+            closing.append(asyncio.ensure_future(handler.handle_connection_closed()))
+
+    handler.handle_read_timeout = expired
 
 
 async def _connack(handler: BrokerProtocolHandler, authorize: bool) -> None:

@@ -11,10 +11,15 @@
     │   ├── InvalidCredentials     invalid_credentials
     │   └── InvalidToken           invalid_token
     ├── NotAllowed                 not_allowed
+    │   ├── NotAMember             not_a_member
+    │   └── RecallWindowPassed     recall_window_passed
     ├── NotFound                   not_found
-    │   └── UnknownRecipient       unknown_recipient
+    │   ├── UnknownRecipient       unknown_recipient
+    │   ├── UnknownUser            unknown_user
+    │   └── UnknownGroup           unknown_group
     ├── Conflict                   conflict
-    │   └── UserExists             user_exists
+    │   ├── UserExists             user_exists
+    │   └── GroupFull              group_full
     ├── ServerBusy                 server_busy
     └── StorageUnavailable         storage_unavailable
 
@@ -79,6 +84,14 @@ class NotAllowed(ChatError):
     status = 403
 
 
+class NotAMember(NotAllowed):
+    code = "not_a_member"
+
+
+class RecallWindowPassed(NotAllowed):
+    code = "recall_window_passed"
+
+
 class NotFound(ChatError):
     code = "not_found"
     status = 404
@@ -88,6 +101,14 @@ class UnknownRecipient(NotFound):
     code = "unknown_recipient"
 
 
+class UnknownUser(NotFound):
+    code = "unknown_user"
+
+
+class UnknownGroup(NotFound):
+    code = "unknown_group"
+
+
 class Conflict(ChatError):
     code = "conflict"
     status = 409
@@ -95,6 +116,10 @@ class Conflict(ChatError):
 
 class UserExists(Conflict):
     code = "user_exists"
+
+
+class GroupFull(Conflict):
+    code = "group_full"
 
 
 class ServerBusy(ChatError):
@@ -121,10 +146,15 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     InvalidCredentials,
     InvalidToken,
     NotAllowed,
+    NotAMember,
+    RecallWindowPassed,
     NotFound,
     UnknownRecipient,
+    UnknownUser,
+    UnknownGroup,
     Conflict,
     UserExists,
+    GroupFull,
     ServerBusy,
     StorageUnavailable,
 )

@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from mqchat.core.errors import (
     ChatError,
@@ -66,6 +66,14 @@ class SendMessage(_Envelope):
     msg_type: MsgType = "text"
 
 
+class SendGroupMessage(_Envelope):
+    type: Literal["send_group_message"] = "send_group_message"
+    client_msg_id: ClientMsgId
+    group_id: UserIdStr
+    content: Content
+    msg_type: MsgType = "text"
+
+
 class SyncMessages(_Envelope):
     type: Literal["sync_messages"] = "sync_messages"
     since_seq: Seq = 0
@@ -79,12 +87,43 @@ class Ack(_Envelope):
     seq: Seq
 
 
-Command = SendMessage | SyncMessages | Ack
+class MarkAsRead(_Envelope):
+    """The message and everything before it in its conversation are read."""
 
-COMMANDS: dict[str, type[SendMessage] | type[SyncMessages] | type[Ack]] = {
+    type: Literal["mark_as_read"] = "mark_as_read"
+    message_id: Annotated[int, Field(ge=1, le=2**62)]
+
+
+class RecallMessage(_Envelope):
+    type: Literal["recall_message"] = "recall_message"
+    message_id: Annotated[int, Field(ge=1, le=2**62)]
+
+
+class Typing(_Envelope):
+    """Ephemeral: relayed to the peer or the group topic, never stored. Exactly one target."""
+
+    type: Literal["typing"] = "typing"
+    to_user: UserIdStr | None = None
+    group_id: UserIdStr | None = None
+    state: Literal["started", "stopped"]
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Typing:
+        if (self.to_user is None) == (self.group_id is None):
+            raise ValueError("give exactly one of to_user and group_id")
+        return self
+
+
+Command = SendMessage | SendGroupMessage | SyncMessages | Ack | MarkAsRead | RecallMessage | Typing
+
+COMMANDS: dict[str, type[Command]] = {
     "send_message": SendMessage,
+    "send_group_message": SendGroupMessage,
     "sync_messages": SyncMessages,
     "ack": Ack,
+    "mark_as_read": MarkAsRead,
+    "recall_message": RecallMessage,
+    "typing": Typing,
 }
 
 
@@ -111,9 +150,10 @@ def command_from_dict(data: Any) -> Command:
     if model is None:
         raise UnknownCommand(f"unknown command type {kind!r}; expected one of {sorted(COMMANDS)}", ref=ref)
     try:
-        return model.model_validate(data)
+        command: Command = model.model_validate(data)
     except ValidationError as exc:
         raise InvalidCommand(_describe(exc), ref=ref) from exc
+    return command
 
 
 def _describe(exc: ValidationError) -> str:
@@ -145,18 +185,88 @@ class MessageAck(_Envelope):
 
 
 class NewMessage(_Envelope):
+    """A message in a stream. 1:1 messages carry ``to_user``, group messages ``group_id``.
+
+    A recalled message is served as a tombstone: no ``content``, with ``recalled_at``.
+    """
+
     type: Literal["new_message"] = "new_message"
     seq: int
     server_msg_id: int
     client_msg_id: str
     from_user: str
-    to_user: str
-    content: str
+    to_user: str | None = None
+    group_id: str | None = None
+    content: str | None = None
     msg_type: MsgType
     created_at: str
+    recalled_at: str | None = None
 
 
-StreamEvent = NewMessage
+GroupAction = Literal["created", "member_added", "member_removed", "member_left"]
+
+
+class GroupUpdated(_Envelope):
+    type: Literal["group_updated"] = "group_updated"
+    seq: int
+    group_id: str
+    action: GroupAction
+    user_id: str
+    by: str
+
+
+class MessageDelivered(_Envelope):
+    """Watermark: everything up to ``message_id`` in the conversation reached a device of ``delivered_to``."""
+
+    type: Literal["message_delivered"] = "message_delivered"
+    seq: int
+    message_id: int
+    conversation_id: str
+    delivered_to: str
+    delivered_at: str
+
+
+class MessageRead(_Envelope):
+    type: Literal["message_read"] = "message_read"
+    seq: int
+    message_id: int
+    conversation_id: str
+    read_by: str
+    read_at: str
+
+
+class ReadMarker(_Envelope):
+    """The stream owner has read ``conversation_id`` up to ``message_id`` (on some device)."""
+
+    type: Literal["read_marker"] = "read_marker"
+    seq: int
+    message_id: int
+    conversation_id: str
+    read_at: str
+
+
+class MessageRecalled(_Envelope):
+    type: Literal["message_recalled"] = "message_recalled"
+    seq: int
+    message_id: int
+    conversation_id: str
+    recalled_by: str
+    recalled_at: str
+
+
+AnyStreamEvent = NewMessage | GroupUpdated | MessageDelivered | MessageRead | ReadMarker | MessageRecalled
+StreamEvent = Annotated[
+    NewMessage | GroupUpdated | MessageDelivered | MessageRead | ReadMarker | MessageRecalled,
+    Field(discriminator="type"),
+]
+STREAM_EVENTS: dict[str, type[BaseModel]] = {
+    "new_message": NewMessage,
+    "group_updated": GroupUpdated,
+    "message_delivered": MessageDelivered,
+    "message_read": MessageRead,
+    "read_marker": ReadMarker,
+    "message_recalled": MessageRecalled,
+}
 
 
 class SyncResponse(_Envelope):
@@ -173,18 +283,52 @@ class ErrorEvent(_Envelope):
     ref: str | None = None
 
 
-Event = MessageAck | NewMessage | SyncResponse | ErrorEvent
+class TypingEvent(_Envelope):
+    """Ephemeral (no ``seq``): on the peer's stream topic or on the group topic."""
 
-EVENTS: dict[str, type[MessageAck] | type[NewMessage] | type[SyncResponse] | type[ErrorEvent]] = {
+    type: Literal["typing"] = "typing"
+    from_user: str
+    to_user: str | None = None
+    group_id: str | None = None
+    state: Literal["started", "stopped"]
+
+
+class Presence(_Envelope):
+    """Retained on ``chat/presence/{user_id}``."""
+
+    user_id: str
+    status: Literal["online", "offline"]
+    last_seen: str | None = None
+
+
+Event = (
+    MessageAck
+    | NewMessage
+    | GroupUpdated
+    | MessageDelivered
+    | MessageRead
+    | ReadMarker
+    | MessageRecalled
+    | SyncResponse
+    | ErrorEvent
+    | TypingEvent
+)
+
+EVENTS: dict[str, type[Event]] = {
     "message_ack": MessageAck,
-    "new_message": NewMessage,
+    **STREAM_EVENTS,  # type: ignore[dict-item]
     "sync_response": SyncResponse,
     "error": ErrorEvent,
+    "typing": TypingEvent,
 }
 
+# Optional fields that are absent rather than null on the wire (a group message has no
+# to_user, a live message no recalled_at).
+_OMIT_NONE = (NewMessage, SyncResponse, TypingEvent)
 
-def encode_event(event: Event) -> bytes:
-    return event.model_dump_json().encode()
+
+def encode_event(event: Event | Presence) -> bytes:
+    return event.model_dump_json(exclude_none=isinstance(event, _OMIT_NONE)).encode()
 
 
 def decode_event(payload: bytes | str) -> Event:
@@ -194,7 +338,8 @@ def decode_event(payload: bytes | str) -> Event:
     model = EVENTS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise UnknownCommand(f"unknown event type {kind!r}")
-    return model.model_validate(data)
+    event: Event = model.model_validate(data)
+    return event
 
 
 def error_event(error: ChatError) -> ErrorEvent:

@@ -116,7 +116,7 @@ async def test_conversations_and_history(server: RunningServer) -> None:
         page2 = (await http.get("/v1/conversations/user:bob/messages",
                                 params={"limit": 4, "before_id": page1["next_before_id"]})).json()
         assert [m["content"] for m in page2["messages"]] == ["b1", "b0"] and page2["next_before_id"] is None
-        bad = await http.get("/v1/conversations/group:x/messages")
+        bad = await http.get("/v1/conversations/chan:x/messages")
         assert bad.status_code == 422
         too_big = await http.get("/v1/conversations/user:bob/messages", params={"limit": 201})
         assert too_big.status_code == 422

@@ -30,7 +30,7 @@ async def _writer(store: SqlStore, name: str, batches: int, rng: random.Random) 
         batch = []
         for i in range(rng.randint(1, 8)):
             sender, recipient = rng.sample(USERS, 2)
-            batch.append(SendRequest(sender, f"{name}-{b}-{i}", recipient, "x", "text"))
+            batch.append(SendRequest(sender, f"{name}-{b}-{i}", "x", "text", to_user=recipient))
         for result in await store.save_messages(batch):
             assert isinstance(result, SendOutcome)
             outcomes.append(result)
@@ -64,7 +64,7 @@ async def test_concurrent_writers_keep_every_stream_gapless(database_url: str) -
 async def test_racing_duplicates_store_one_message(database_url: str) -> None:
     stores = await _stores(database_url, 2)
     try:
-        request = SendRequest("ann", "same-id", "ben", "hello", "text")
+        request = SendRequest("ann", "same-id", "hello", "text", to_user="ben")
         results = await asyncio.gather(*(stores[i % 2].save_messages([request]) for i in range(10)))
         outcomes = [r[0] for r in results]
         assert all(isinstance(o, SendOutcome) for o in outcomes)
@@ -80,10 +80,10 @@ async def test_racing_duplicates_store_one_message(database_url: str) -> None:
 async def test_cursor_only_moves_forward_and_stops_at_the_head(database_url: str) -> None:
     [store] = await _stores(database_url, 1)
     try:
-        await store.save_messages([SendRequest("ann", f"m{i}", "ben", "x", "text") for i in range(3)])
-        assert await store.advance_cursor("ben", "phone", 2) == 2
-        assert await store.advance_cursor("ben", "phone", 1) == 2
-        assert await store.advance_cursor("ben", "phone", 99) == 3
+        await store.save_messages([SendRequest("ann", f"m{i}", "x", "text", to_user="ben") for i in range(3)])
+        assert (await store.advance_cursor("ben", "phone", 2))[0] == 2
+        assert (await store.advance_cursor("ben", "phone", 1))[0] == 2
+        assert (await store.advance_cursor("ben", "phone", 99))[0] == 3
         assert await store.get_cursor("ben", "laptop") == 0
     finally:
         await store.close()
@@ -93,10 +93,10 @@ async def test_a_batch_mixing_good_bad_and_repeated_sends(database_url: str) -> 
     [store] = await _stores(database_url, 1)
     try:
         results = await store.save_messages([
-            SendRequest("ann", "a", "ben", "1", "text"),
-            SendRequest("ann", "b", "nobody", "2", "text"),
-            SendRequest("ann", "a", "ben", "1 again", "text"),
-            SendRequest("ann", "note", "ann", "to self", "text"),
+            SendRequest("ann", "a", "1", "text", to_user="ben"),
+            SendRequest("ann", "b", "2", "text", to_user="nobody"),
+            SendRequest("ann", "a", "1 again", "text", to_user="ben"),
+            SendRequest("ann", "note", "to self", "text", to_user="ann"),
         ])
         first, unknown, repeat, note = results
         assert isinstance(first, SendOutcome) and not first.duplicate and len(first.events) == 2
