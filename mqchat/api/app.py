@@ -13,9 +13,14 @@ from mqchat.api.schemas import (
     ConversationList,
     ConversationPublic,
     Credentials,
+    GroupCreate,
+    GroupList,
+    GroupPublic,
     Health,
     HistoryPage,
+    MemberAdd,
     MessagePublic,
+    ReadBody,
     ReceiptList,
     ReceiptPublic,
     SendBody,
@@ -23,9 +28,9 @@ from mqchat.api.schemas import (
     UserPublic,
 )
 from mqchat.bridge.services import Services
-from mqchat.core.errors import InvalidCommand, NotAuthorized
+from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
 from mqchat.core.ids import is_valid_id
-from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, SyncResponse
+from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
 HISTORY_MAX_LIMIT = 200
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/token")
@@ -99,7 +104,8 @@ def create_app(services: Services) -> FastAPI:
         found = await services.store.receipts(user, message_id)
         return ReceiptList(message_id=message_id, receipts=[ReceiptPublic.of(r) for r in found])
 
-    @app.get("/v1/sync", tags=["sync"])
+    # Stream events look the same over HTTP as over MQTT: absent optional fields, not nulls.
+    @app.get("/v1/sync", tags=["sync"], response_model_exclude_none=True)
     async def sync(
         user: UserDep,
         services: ServicesDep,
@@ -108,7 +114,7 @@ def create_app(services: Services) -> FastAPI:
     ) -> SyncResponse:
         return await services.chat.sync(user, since_seq, limit)
 
-    @app.get("/v1/sync/long-poll", tags=["sync"])
+    @app.get("/v1/sync/long-poll", tags=["sync"], response_model_exclude_none=True)
     async def long_poll(
         user: UserDep,
         services: ServicesDep,
@@ -142,4 +148,48 @@ def create_app(services: Services) -> FastAPI:
             conversation_id=conversation_id, messages=[MessagePublic.of(m) for m in page], next_before_id=next_before
         )
 
+    @app.post("/v1/conversations/{conversation_id}/read", status_code=204, tags=["history"])
+    async def mark_read(conversation_id: str, body: ReadBody, user: UserDep, services: ServicesDep) -> Response:
+        """Marks ``message_id`` and everything before it in the conversation read."""
+        _checked_conversation(conversation_id)
+        found = await services.store.history(user, conversation_id, body.message_id + 1, 1)
+        if not found or found[0].id != body.message_id:
+            raise NotFound(f"message {body.message_id} is not in {conversation_id}")
+        await services.chat.mark_read(user, body.message_id)
+        return Response(status_code=204)
+
+    @app.get("/v1/users/{user_id}/presence", tags=["presence"])
+    async def presence(user_id: str, user: UserDep, services: ServicesDep) -> Presence:
+        """For users who share a conversation or a group with ``user_id``."""
+        return await services.chat.presence_of(user, user_id)
+
+    _install_group_routes(app)
     return app
+
+
+def _install_group_routes(app: FastAPI) -> None:
+    @app.post("/v1/groups", status_code=201, tags=["groups"])
+    async def create_group(body: GroupCreate, user: UserDep, services: ServicesDep) -> GroupPublic:
+        """The creator becomes the owner and a member."""
+        return GroupPublic.of(await services.chat.create_group(user, body.name, body.members))
+
+    @app.get("/v1/groups", tags=["groups"])
+    async def my_groups(user: UserDep, services: ServicesDep) -> GroupList:
+        return GroupList(groups=[GroupPublic.of(g) for g in await services.store.groups_of(user)])
+
+    @app.get("/v1/groups/{group_id}", tags=["groups"])
+    async def get_group(group_id: str, user: UserDep, services: ServicesDep) -> GroupPublic:
+        """Members only."""
+        return GroupPublic.of(await services.chat.group_for(user, group_id))
+
+    @app.post("/v1/groups/{group_id}/members", status_code=204, tags=["groups"])
+    async def add_member(group_id: str, body: MemberAdd, user: UserDep, services: ServicesDep) -> Response:
+        """The owner adds a member."""
+        await services.chat.add_member(group_id, user, body.user_id)
+        return Response(status_code=204)
+
+    @app.delete("/v1/groups/{group_id}/members/{user_id}", status_code=204, tags=["groups"])
+    async def remove_member(group_id: str, user_id: str, user: UserDep, services: ServicesDep) -> Response:
+        """The owner removes a member; a member removes itself to leave."""
+        await services.chat.remove_member(group_id, user, user_id)
+        return Response(status_code=204)
