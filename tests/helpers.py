@@ -49,8 +49,9 @@ class Device:
         await self.client.publish(self.inbox, data, qos=1)
 
     async def send(self, to_user: str, content: str, client_msg_id: str) -> None:
-        await self.publish({"type": "send_message", "client_msg_id": client_msg_id, "to_user": to_user,
-                            "content": content})
+        await self.publish(
+            {"type": "send_message", "client_msg_id": client_msg_id, "to_user": to_user, "content": content}
+        )
 
     async def next(self, kind: str | None = None, timeout: float = 10) -> dict[str, Any]:
         """The next event (of ``kind``, skipping others)."""
@@ -89,8 +90,14 @@ class Device:
 async def connect_device(
     server: RunningServer, user_id: str, device_id: str, token: str, *, subscribe: bool = True
 ) -> AsyncIterator[Device]:
-    client = aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier=f"{user_id}:{device_id}",
-                            username=user_id, password=token, keepalive=30)
+    client = aiomqtt.Client(
+        "127.0.0.1",
+        server.mqtt_port,
+        identifier=f"{user_id}:{device_id}",
+        username=user_id,
+        password=token,
+        keepalive=30,
+    )
     async with client:
         device = Device(client, user_id, device_id)
 

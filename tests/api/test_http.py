@@ -64,8 +64,9 @@ async def test_send_sync_and_idempotency(server: RunningServer) -> None:
 
 async def register_token(server: RunningServer, user_id: str) -> str:
     async with http_client(server) as http:
-        return str((await http.post("/v1/token", json={"user_id": user_id, "password": PASSWORD})).json()[
-            "access_token"])
+        return str(
+            (await http.post("/v1/token", json={"user_id": user_id, "password": PASSWORD})).json()["access_token"]
+        )
 
 
 async def test_long_poll_woken_by_mqtt_send(server: RunningServer) -> None:
@@ -113,8 +114,11 @@ async def test_conversations_and_history(server: RunningServer) -> None:
         assert convs[0]["unread_count"] == 1 and convs[1]["unread_count"] == 0
         page1 = (await http.get("/v1/conversations/user:bob/messages", params={"limit": 4})).json()
         assert [m["content"] for m in page1["messages"]] == ["reply", "b4", "b3", "b2"]
-        page2 = (await http.get("/v1/conversations/user:bob/messages",
-                                params={"limit": 4, "before_id": page1["next_before_id"]})).json()
+        page2 = (
+            await http.get(
+                "/v1/conversations/user:bob/messages", params={"limit": 4, "before_id": page1["next_before_id"]}
+            )
+        ).json()
         assert [m["content"] for m in page2["messages"]] == ["b1", "b0"] and page2["next_before_id"] is None
         bad = await http.get("/v1/conversations/chan:x/messages")
         assert bad.status_code == 422
@@ -126,8 +130,9 @@ async def test_health_and_openapi(server: RunningServer) -> None:
     async with http_client(server) as http:
         assert (await http.get("/healthz")).json() == {"status": "ok", "database": "ok"}
         schema = (await http.get("/openapi.json")).json()
-        assert {"/v1/users", "/v1/token", "/v1/messages", "/v1/sync", "/v1/sync/long-poll",
-                "/v1/conversations"} <= set(schema["paths"])
+        assert {"/v1/users", "/v1/token", "/v1/messages", "/v1/sync", "/v1/sync/long-poll", "/v1/conversations"} <= set(
+            schema["paths"]
+        )
         assert (await http.get("/docs")).status_code == 200
         missing = await http.get("/nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"

@@ -40,9 +40,7 @@ async def _writer(store: SqlStore, name: str, batches: int, rng: random.Random) 
 async def test_concurrent_writers_keep_every_stream_gapless(database_url: str) -> None:
     stores = await _stores(database_url, 2)
     try:
-        results = await asyncio.gather(*(
-            _writer(stores[w % 2], f"w{w}", 25, random.Random(w)) for w in range(4)
-        ))
+        results = await asyncio.gather(*(_writer(stores[w % 2], f"w{w}", 25, random.Random(w)) for w in range(4)))
         messages = {o.message.id for outcomes in results for o in outcomes}
         for user in USERS:
             page = await stores[0].read_stream(user, 0, 500)
@@ -92,12 +90,14 @@ async def test_cursor_only_moves_forward_and_stops_at_the_head(database_url: str
 async def test_a_batch_mixing_good_bad_and_repeated_sends(database_url: str) -> None:
     [store] = await _stores(database_url, 1)
     try:
-        results = await store.save_messages([
-            SendRequest("ann", "a", "1", "text", to_user="ben"),
-            SendRequest("ann", "b", "2", "text", to_user="nobody"),
-            SendRequest("ann", "a", "1 again", "text", to_user="ben"),
-            SendRequest("ann", "note", "to self", "text", to_user="ann"),
-        ])
+        results = await store.save_messages(
+            [
+                SendRequest("ann", "a", "1", "text", to_user="ben"),
+                SendRequest("ann", "b", "2", "text", to_user="nobody"),
+                SendRequest("ann", "a", "1 again", "text", to_user="ben"),
+                SendRequest("ann", "note", "to self", "text", to_user="ann"),
+            ]
+        )
         first, unknown, repeat, note = results
         assert isinstance(first, SendOutcome) and not first.duplicate and len(first.events) == 2
         assert not isinstance(unknown, SendOutcome) and unknown.code == "unknown_recipient"

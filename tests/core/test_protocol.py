@@ -86,8 +86,12 @@ json_values = st.recursive(
 )
 
 
-@given(st.dictionaries(st.sampled_from(["type", "client_msg_id", "to_user", "content", "msg_type", "seq",
-                                        "since_seq", "limit"]), json_values | st.sampled_from(list(COMMANDS))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["type", "client_msg_id", "to_user", "content", "msg_type", "seq", "since_seq", "limit"]),
+        json_values | st.sampled_from(list(COMMANDS)),
+    )
+)
 def test_any_json_object_gives_a_command_or_a_chat_error(data: dict[str, object]) -> None:
     try:
         command = parse_command(json.dumps(data).encode())
@@ -96,8 +100,10 @@ def test_any_json_object_gives_a_command_or_a_chat_error(data: dict[str, object]
     assert command.type == data["type"]
 
 
-@given(st.text(min_size=1, max_size=200).filter(lambda s: "\x00" not in s),
-       st.text(min_size=1, max_size=64).filter(lambda s: "\x00" not in s))
+@given(
+    st.text(min_size=1, max_size=200).filter(lambda s: "\x00" not in s),
+    st.text(min_size=1, max_size=64).filter(lambda s: "\x00" not in s),
+)
 def test_valid_sends_round_trip(content: str, client_msg_id: str) -> None:
     command = parse_command(send(content=content, client_msg_id=client_msg_id))
     assert isinstance(command, SendMessage)
@@ -105,19 +111,45 @@ def test_valid_sends_round_trip(content: str, client_msg_id: str) -> None:
 
 
 def test_events_encode_and_decode() -> None:
-    message = NewMessage(seq=17, server_msg_id=67890, client_msg_id="uuid-12345", from_user="alice",
-                         to_user="bob", content="Hello Bob!", msg_type="text", created_at="2026-01-15T10:30:00.000Z")
+    message = NewMessage(
+        seq=17,
+        server_msg_id=67890,
+        client_msg_id="uuid-12345",
+        from_user="alice",
+        to_user="bob",
+        content="Hello Bob!",
+        msg_type="text",
+        created_at="2026-01-15T10:30:00.000Z",
+    )
     ack = MessageAck(client_msg_id="uuid-12345", server_msg_id=67890, seq=41, created_at=message.created_at)
     sync = SyncResponse(events=[message], latest_seq=17, has_more=False)
     for event in (message, ack, sync, error_event(InvalidCommand("bad", ref="r"))):
         assert decode_event(encode_event(event)) == event
     assert json.loads(encode_event(ack)) == {
-        "type": "message_ack", "client_msg_id": "uuid-12345", "server_msg_id": 67890, "seq": 41,
-        "status": "sent", "created_at": "2026-01-15T10:30:00.000Z", "duplicate": False}
+        "type": "message_ack",
+        "client_msg_id": "uuid-12345",
+        "server_msg_id": 67890,
+        "seq": 41,
+        "status": "sent",
+        "created_at": "2026-01-15T10:30:00.000Z",
+        "duplicate": False,
+    }
 
 
-@pytest.mark.parametrize("client_id", ["alice", "alice:", ":phone", "alice:ph/one", "al+ice:phone", "a:b:c",
-                                       "alice:" + "x" * 65, "alice:ph one", "alice:#"])
+@pytest.mark.parametrize(
+    "client_id",
+    [
+        "alice",
+        "alice:",
+        ":phone",
+        "alice:ph/one",
+        "al+ice:phone",
+        "a:b:c",
+        "alice:" + "x" * 65,
+        "alice:ph one",
+        "alice:#",
+    ],
+)
 def test_malformed_client_ids_are_rejected(client_id: str) -> None:
     with pytest.raises(InvalidCommand):
         DeviceAddress.from_client_id(client_id)
@@ -126,8 +158,17 @@ def test_malformed_client_ids_are_rejected(client_id: str) -> None:
 def test_acl_is_exact() -> None:
     phone = DeviceAddress("alice", "phone")
     assert may_subscribe(phone, "chat/user/alice") and may_subscribe(phone, "chat/device/alice/phone")
-    for topic in ["chat/user/bob", "chat/device/alice/laptop", "chat/user/+", "#", "chat/#", "chat/+/alice",
-                  "chat/in/alice/phone", "$SYS/#", "chat/user/alice/#"]:
+    for topic in [
+        "chat/user/bob",
+        "chat/device/alice/laptop",
+        "chat/user/+",
+        "#",
+        "chat/#",
+        "chat/+/alice",
+        "chat/in/alice/phone",
+        "$SYS/#",
+        "chat/user/alice/#",
+    ]:
         assert not may_subscribe(phone, topic), topic
     assert may_publish(phone, "chat/in/alice/phone")
     assert not may_publish(phone, "chat/in/alice/laptop") and not may_publish(phone, "chat/user/bob")

@@ -9,8 +9,10 @@ from tests.helpers import connect_device, register
 async def test_alice_and_bob_chat(server: RunningServer) -> None:
     alice_token = await register(server, "alice")
     bob_token = await register(server, "bob")
-    async with connect_device(server, "alice", "phone", alice_token) as alice, \
-            connect_device(server, "bob", "laptop", bob_token) as bob:
+    async with (
+        connect_device(server, "alice", "phone", alice_token) as alice,
+        connect_device(server, "bob", "laptop", bob_token) as bob,
+    ):
         await alice.next("sync_response")
         await bob.next("sync_response")
         await alice.send("bob", "Hello Bob!", "m-1")
