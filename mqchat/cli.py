@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from mqchat import __version__
 from mqchat.bridge.services import build_services
 from mqchat.config import Settings
@@ -54,32 +56,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    """Flags win over the environment and the config file, key by key, and are validated alike."""
     overrides: dict[str, Any] = {}
-    if args.data_dir is not None:
-        overrides["data_dir"] = args.data_dir
-    if args.database_url is not None:
-        overrides["database_url"] = args.database_url
-    if getattr(args, "log_level", None):
-        overrides["log_level"] = args.log_level
+    for key in ("data_dir", "database_url", "log_level"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
     mqtt: dict[str, Any] = {}
     http: dict[str, Any] = {}
     if getattr(args, "host", None):
         mqtt["host"] = http["host"] = args.host
-    if getattr(args, "mqtt_port", None) is not None:
-        mqtt["port"] = args.mqtt_port
-    if getattr(args, "ws_port", None) is not None:
-        mqtt["ws_port"] = args.ws_port
-    if getattr(args, "http_port", None) is not None:
-        http["port"] = args.http_port
-    settings = Settings.load(args.config)
-    # Flags win over the file and the environment, key by key.
-    return settings.model_copy(
-        update={
-            **overrides,
-            "mqtt": settings.mqtt.model_copy(update=mqtt),
-            "http": settings.http.model_copy(update=http),
-        }
-    )
+    for flag, section, key in (("mqtt_port", mqtt, "port"), ("ws_port", mqtt, "ws_port"), ("http_port", http, "port")):
+        if getattr(args, flag, None) is not None:
+            section[key] = getattr(args, flag)
+    if mqtt:
+        overrides["mqtt"] = mqtt
+    if http:
+        overrides["http"] = http
+    if args.config is not None and not args.config.is_file():
+        raise ConfigError(f"config file {args.config} does not exist")
+    try:
+        return Settings.load(args.config, **overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+
+
+class ConfigError(Exception):
+    """A setting from a flag, the environment or the config file is wrong."""
 
 
 async def _serve(settings: Settings) -> None:
@@ -113,7 +117,11 @@ async def _token(settings: Settings, user_id: str, ttl: int | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection at INFO; keep our INFO readable.
     for noisy in ("amqtt", "transitions", "websockets"):

@@ -112,5 +112,6 @@ async def connect_device(
             yield device
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A connection the server closed ends the iteration with MqttError.
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                 await task

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ class ChatService:
             self._spawn(self.reply(device, error_event(exc)))
 
     async def send(self, sender: str, command: AnySend) -> MessageAck:
-        """Store a message sent over HTTP; returns once it is stored and fanned out."""
+        """Store a message sent over HTTP; returns once it is stored (fan-out follows at once)."""
         future: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(_request(sender, command), None, future))
         return await future
@@ -200,26 +201,32 @@ class ChatService:
             while len(batch) < self._settings.batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._process(batch)
+                outcomes = await self._store_batch(batch)
             except Exception:  # the worker must survive anything one batch does
-                log.exception("bridge batch failed")
-                for pending in batch:
-                    self._fail(
-                        pending, ChatError("internal error; nothing was stored", ref=pending.request.client_msg_id)
-                    )
+                log.exception("storing a batch failed")
+                outcomes = [ChatError("internal error; nothing was stored")] * len(batch)
+            try:
+                await self._answer_batch(batch, outcomes)
+            except Exception:  # stored already: a failed publish is recovered by sync, not retried here
+                log.exception("publishing a stored batch failed")
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _process(self, batch: list[_Pending]) -> None:
+    async def _store_batch(self, batch: list[_Pending]) -> list[SendOutcome | ChatError]:
         try:
-            outcomes: list[SendOutcome | ChatError] = list(await self._store.save_messages([p.request for p in batch]))
+            return list(await self._store.save_messages([p.request for p in batch]))
         except ChatError as exc:
-            outcomes = [exc] * len(batch)
+            return [exc] * len(batch)
+
+    async def _answer_batch(self, batch: list[_Pending], outcomes: list[SendOutcome | ChatError]) -> None:
+        """Ack (or refuse) each sender, then publish the new stream events."""
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, ChatError):
-                outcome.ref = outcome.ref or pending.request.client_msg_id
-                self._fail(pending, outcome)
+                # One error object may stand for a whole failed batch: each sender gets its own ref.
+                error = copy.copy(outcome)
+                error.ref = outcome.ref or pending.request.client_msg_id
+                self._fail(pending, error)
                 continue
             ack = _ack_for(outcome)
             if pending.future is not None and not pending.future.done():

@@ -172,10 +172,22 @@ class ChatBridgePlugin(BasePlugin[BrokerContext]):
 
     async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         device = session_device(client_session)
-        if device is not None:
-            await self._chat.device_connected(device)
+        if device is None:
+            return
+        await self._chat.device_connected(device)
+        # A resumed session (clean_session=false) keeps its subscriptions and sends no
+        # SUBSCRIBE: catch up from the cursor now.
+        if client_session.parent and self._subscribed(client_session, device_topic(device)):
+            state = self._devices.setdefault(client_id, _DeviceState())
+            state.topics.add(device_topic(device))
+            self._schedule_catch_up(client_id, device, state)
+
+    def _subscribed(self, session: Session, topic: str) -> bool:
+        return any(s is session for s, _ in self.context.subscriptions.get(topic, ()))
 
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
+        if self.context.get_session(client_id) not in (None, client_session):
+            return  # a replaced connection of a device that has already reconnected
         state = self._devices.pop(client_id, None)
         if state is not None and state.catch_up is not None:
             state.catch_up.cancel()

@@ -31,8 +31,8 @@ def broker_config(services: Services, *, host: str, port: int, ws_port: int | No
         listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
     return {
         "listeners": listeners,
-        # Sessions are not kept across connections: durability comes from the store
-        # and each device's cursor, not from amqtt's in-memory session queues.
+        # Durability comes from the store and each device's cursor, not from amqtt's
+        # in-memory queues for clean_session=false sessions (which a restart loses).
         "plugins": {name: {"services": services} for name in _PLUGINS},
     }
 
@@ -68,6 +68,7 @@ class ChatBroker(Broker):
         self, handler: BrokerProtocolHandler, session: Session
     ) -> tuple[BrokerProtocolHandler, Session]:
         """amqtt's own session bookkeeping, now reached only by authenticated clients."""
+        await self._take_over(session.client_id)
         if session.clean_session:
             await self._delete_session(session.client_id)
             session.parent = 0
@@ -96,6 +97,21 @@ class ChatBroker(Broker):
         # client id must get "identifier rejected" instead.
         handler.mqtt_connack_authorize = functools.partial(_connack, handler)
         await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+
+    async def _take_over(self, client_id: str) -> None:
+        """Close the live connection that uses this client id (MQTT 3.1.1, 3.1.4).
+
+        amqtt only does so when the session object is reused; with a clean session it
+        dropped the old session's subscriptions and left its socket open, a zombie that
+        received nothing, not even its own acks.
+        """
+        existing = self._sessions.get(client_id)
+        if existing is None or existing[0].transitions.state != "connected":
+            return
+        log.info("%s reconnected: closing its previous connection", client_id)
+        _, old_handler = existing
+        await old_handler.handle_connection_closed()
+        await old_handler.stop()
 
     def bound_port(self, listener: str) -> int:
         """The port a listener actually bound (useful with port 0)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiomqtt
 import pytest
 
@@ -46,3 +48,8 @@ async def test_a_reconnecting_device_takes_over_its_own_session(server: RunningS
             await second.next("sync_response")
             await phone.send("bob", "to the new connection", "t-2")
             assert (await second.next("new_message"))["content"] == "to the new connection"
+            # MQTT 3.1.1, 3.1.4: the server closes the older connection of a client id.
+            with pytest.raises(aiomqtt.MqttError):
+                for _ in range(50):
+                    await first.publish({"type": "ack", "seq": 0})
+                    await asyncio.sleep(0.1)

@@ -117,3 +117,16 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path: Path, flag: str) -> None:
         result = mqchat("serve", "--host", "127.0.0.1", *args, data_dir=tmp_path / "data", check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"mqchat: port {taken} is already in use; choose another with {flag}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mqtt-port", "70000"], "mqchat: invalid setting mqtt.port: Input should be less than or equal to 65535"),
+        (["--config", "/nonexistent/mqchat.toml"], "mqchat: config file /nonexistent/mqchat.toml does not exist"),
+    ],
+)
+def test_bad_settings_are_a_one_line_error(tmp_path: Path, args: list[str], message: str) -> None:
+    result = mqchat("serve", *args, data_dir=tmp_path / "data", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [message]
