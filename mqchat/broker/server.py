@@ -98,6 +98,17 @@ class ChatBroker(Broker):
         handler.mqtt_connack_authorize = functools.partial(_connack, handler)
         await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
 
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # On every CONNECT amqtt 0.12 calls this for *every* client's filters, not only
+        # the connecting session's, and checks no ACL: any user would get everyone's
+        # retained presence. Only a session that holds the filter gets its retained messages.
+        topic_filter, _ = subscription
+        holders = self._subscriptions.get(topic_filter, ())
+        if any(held.client_id == session.client_id for held, _ in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
     async def _take_over(self, client_id: str) -> None:
         """Close the live connection that uses this client id (MQTT 3.1.1, 3.1.4).
 
