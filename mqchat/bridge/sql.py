@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, event, func, insert, select, text, tuple_, update
+from sqlalchemy import and_, bindparam, event, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -322,13 +322,22 @@ class SqlStore:
     async def _find_existing(
         self, conn: AsyncConnection, requests: Sequence[SendRequest]
     ) -> dict[tuple[str, str], StoredMessage]:
-        keys = sorted({(r.sender, r.client_msg_id) for r in requests})
+        by_sender: dict[str, set[str]] = {}
+        for r in requests:
+            by_sender.setdefault(r.sender, set()).add(r.client_msg_id)
+        senders = sorted(by_sender)
         found: dict[tuple[str, str], StoredMessage] = {}
+        # One ``sender = ? AND client_msg_id IN (...)`` term per sender, OR-ed: both
+        # SQLite and PostgreSQL answer each term from the unique index. A row-value
+        # ``(sender, client_msg_id) IN (VALUES ...)`` made SQLite scan the whole table
+        # on every batch, so each commit got slower as messages accumulated.
         # Chunked so that a large batch stays under the drivers' bound-parameter limits.
-        for start in range(0, len(keys), 400):
-            chunk = keys[start : start + 400]
-            query = select(messages).where(tuple_(messages.c.sender, messages.c.client_msg_id).in_(chunk))
-            for row in await conn.execute(query):
+        for start in range(0, len(senders), 200):
+            terms = [
+                and_(messages.c.sender == sender, messages.c.client_msg_id.in_(sorted(by_sender[sender])))
+                for sender in senders[start : start + 200]
+            ]
+            for row in await conn.execute(select(messages).where(or_(*terms))):
                 found[(row.sender, row.client_msg_id)] = _row_to_message(row)
         return found
 
