@@ -1,4 +1,4 @@
-"""``mqchat serve | user add | token``."""
+"""``mqchat serve | user add | token | bench``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mqchat import __version__
+from mqchat.bench import command as bench_command
 from mqchat.bridge.services import build_services
 from mqchat.config import Settings
 from mqchat.core.errors import ChatError
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(token)
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
+    bench_command.add_parser(commands)
     return parser
 
 
@@ -117,6 +119,8 @@ async def _token(settings: Settings, user_id: str, ttl: int | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return bench_command.main(args, sys.argv[2:] if argv is None else argv[1:])
     try:
         settings = _settings(args)
     except ConfigError as exc:

@@ -1,0 +1,1 @@
+"""``mqchat bench``: drives real MQTT load at mqchat, plain amqtt and Mosquitto, and reports."""
