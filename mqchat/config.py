@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy async URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
     log_level: str = "INFO"
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """``auto``: uvloop when it is installed (``pip install mqchat[fast]``), else asyncio's own."""
     mqtt: MqttSettings = MqttSettings()
     http: HttpSettings = HttpSettings()
     auth: AuthSettings = AuthSettings()

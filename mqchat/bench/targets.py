@@ -223,7 +223,7 @@ async def mqchat_target(opts: Options, count: int) -> AsyncIterator[Target]:
         args += ["--mqtt-port", str(port), "--ws-port", "0", "--http-port", "0", "--log-level", "WARNING"]
         if opts.database_url:
             args += ["--database-url", opts.database_url]
-        env = dict(os.environ, MQCHAT_USE_UVLOOP="1" if opts.uvloop else "0")
+        env = dict(os.environ, MQCHAT_EVENT_LOOP="auto" if opts.uvloop else "asyncio")
         proc = _spawn(args, opts.work_dir / "mqchat-server.log", env)
         try:
             await wait_port("127.0.0.1", port, proc)
