@@ -274,7 +274,7 @@ _ROWS: list[tuple[str, str, str]] = [
     ("server_cpu_us_per_msg", "server CPU us/msg sent", "{:.0f}"),
     ("server_max_rss_mib", "server RSS MiB (max)", "{:.0f}"),
     ("generator_cpu_pct", "generator CPU %", "{:.0f}"),
-    ("lost", "lost", "{:.0f}"),
+    ("lost", "lost (undelivered after drain)", "{:.0f}"),
     ("duplicated", "duplicated", "{:.0f}"),
     ("refused", "refused (server_busy)", "{:.0f}"),
     ("skipped_backlog", "not sent (backlog cap)", "{:.0f}"),
