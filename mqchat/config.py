@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -46,6 +46,57 @@ class AuthSettings(_Section):
     token_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     secret: str | None = None
     """HMAC key for access tokens. Unset: generated once into ``{data_dir}/secret.key``."""
+    login_max_failures: int = Field(default=5, ge=1)
+    """Failed logins for one user id within ``login_window_seconds`` before POST /v1/token answers 429."""
+    login_max_failures_per_ip: int = Field(default=30, ge=1)
+    """Failed logins from one client address (any user ids) within the window before 429."""
+    login_window_seconds: float = Field(default=300, gt=0)
+
+
+class LimitsSettings(_Section):
+    """What one client may cost the server. Every limit answers with a clear refusal."""
+
+    max_packet_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest MQTT packet (its remaining length), checked before amqtt reads the body:
+    a larger packet closes the connection (MQTT 3.1.1 has no error packet)."""
+    connect_timeout_seconds: float = Field(default=10, gt=0)
+    """A new MQTT connection must send its CONNECT within this time."""
+    send_rate_per_second: float = Field(default=50, gt=0)
+    """Sends per device (token bucket refill rate); over it a send gets ``rate_limited``."""
+    send_burst: int = Field(default=500, ge=1)
+    """Token bucket size: sends a device may make at once after being quiet."""
+    max_connections_per_user: int = Field(default=20, ge=1)
+    """Live MQTT connections of one user (all devices); beyond it CONNACK 0x05."""
+    max_subscriptions_per_connection: int = Field(default=500, ge=2)
+    """Topic filters one connection may hold; beyond it the SUBACK return code is 0x80."""
+    http_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    """Largest HTTP request body; larger ones get 413 ``payload_too_large``."""
+
+
+class TlsSettings(_Section):
+    """TLS listeners, started when ``certfile`` and ``keyfile`` are set."""
+
+    certfile: Path | None = None
+    """PEM server certificate (with its chain)."""
+    keyfile: Path | None = None
+    """PEM private key of the certificate."""
+    mqtts_port: int = Field(default=8883, ge=0, le=65535)
+    wss_port: int = Field(default=8884, ge=0, le=65535)
+    https_port: int = Field(default=8443, ge=0, le=65535)
+    plain_listeners: bool = True
+    """False: only the TLS listeners run (no plain MQTT, WebSocket or HTTP port)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.certfile is not None and self.keyfile is not None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("tls.certfile and tls.keyfile go together")
+        if not self.plain_listeners and not self.enabled:
+            raise ValueError("tls.plain_listeners = false needs tls.certfile and tls.keyfile")
+        return self
 
 
 class BridgeSettings(_Section):
@@ -77,6 +128,8 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     auth: AuthSettings = AuthSettings()
     bridge: BridgeSettings = BridgeSettings()
+    limits: LimitsSettings = LimitsSettings()
+    tls: TlsSettings = TlsSettings()
 
     @classmethod
     def settings_customise_sources(

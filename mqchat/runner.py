@@ -15,7 +15,7 @@ import uvicorn
 
 from mqchat.api.app import create_app
 from mqchat.bridge.services import Services, build_services
-from mqchat.broker.server import ChatBroker, broker_config
+from mqchat.broker.server import ChatBroker, broker_config, listener_names
 from mqchat.config import Settings
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,16 @@ class PortInUse(Exception):
 
 @dataclass(frozen=True)
 class RunningServer:
+    """The ports the listeners bound (useful with port 0); None for a listener that is off."""
+
     services: Services
     broker: ChatBroker
-    mqtt_port: int
-    ws_port: int
-    http_port: int
+    mqtt_port: int | None
+    ws_port: int | None
+    http_port: int | None
+    mqtts_port: int | None = None
+    wss_port: int | None = None
+    https_port: int | None = None
 
 
 def _bind(host: str, port: int, flag: str) -> socket.socket:
@@ -49,13 +54,34 @@ def _bind(host: str, port: int, flag: str) -> socket.socket:
 
 def check_ports(settings: Settings) -> None:
     """Fail fast, with a one-line message, before anything starts."""
-    probes = [
-        (settings.mqtt.host, settings.mqtt.port, "--mqtt-port"),
-        (settings.mqtt.host, settings.mqtt.ws_port, "--ws-port"),
-    ]
-    for host, port, flag in probes:
+    host, tls = settings.mqtt.host, settings.tls
+    probes = []
+    if tls.plain_listeners:
+        probes += [(settings.mqtt.port, "--mqtt-port"), (settings.mqtt.ws_port, "--ws-port")]
+    if tls.enabled:
+        probes += [(tls.mqtts_port, "tls.mqtts_port"), (tls.wss_port, "tls.wss_port")]
+    for port, flag in probes:
         if port:
             _bind(host, port, flag).close()
+
+
+def _http_sockets(settings: Settings) -> dict[str, socket.socket]:
+    """The HTTP and/or HTTPS sockets: bound before anything starts, listened on by uvicorn."""
+    wanted = []
+    if settings.tls.plain_listeners:
+        wanted.append(("http", settings.http.port, "--http-port"))
+    if settings.tls.enabled:
+        wanted.append(("https", settings.tls.https_port, "tls.https_port"))
+    sockets: dict[str, socket.socket] = {}
+    try:
+        for name, port, flag in wanted:
+            sockets[name] = _bind(settings.http.host, port, flag)
+            sockets[name].listen(2048)
+    except PortInUse:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -66,33 +92,65 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 @asynccontextmanager
+async def _serve_http(services: Services, sock: socket.socket, *, tls: bool) -> AsyncIterator[None]:
+    settings = services.settings
+    config = uvicorn.Config(
+        create_app(services),
+        log_level="warning",
+        lifespan="off",
+        access_log=False,  # an access log would record query strings and client addresses at INFO
+        timeout_graceful_shutdown=5,
+        ssl_certfile=str(settings.tls.certfile) if tls else None,
+        ssl_keyfile=str(settings.tls.keyfile) if tls else None,
+    )
+    http = _EmbeddedUvicorn(config)
+    http_task = asyncio.create_task(http.serve(sockets=[sock]))
+    while not http.started:
+        if http_task.done():
+            await http_task
+            raise RuntimeError("HTTP server failed to start")
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        http.should_exit = True
+        await http_task
+
+
+@asynccontextmanager
 async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     check_ports(settings)
-    http_sock = _bind(settings.http.host, settings.http.port, "--http-port")
-    http_sock.listen(2048)
-    async with build_services(settings) as services:
-        broker = ChatBroker(
-            broker_config(services, host=settings.mqtt.host, port=settings.mqtt.port, ws_port=settings.mqtt.ws_port)
-        )
-        await broker.start()
-        try:
-            config = uvicorn.Config(
-                create_app(services), log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=5
-            )
-            http = _EmbeddedUvicorn(config)
-            http_task = asyncio.create_task(http.serve(sockets=[http_sock]))
-            while not http.started:
-                if http_task.done():
-                    await http_task
-                    raise RuntimeError("HTTP server failed to start")
-                await asyncio.sleep(0.01)
+    http_socks = _http_sockets(settings)
+    try:
+        async with build_services(settings) as services:
+            broker = ChatBroker(broker_config(services), settings.limits, listener_names(settings))
+            await broker.start()
+            services.chat.attach_sessions(broker)
             try:
-                yield RunningServer(
-                    services, broker, broker.bound_port("default"), broker.bound_port("ws"), http_sock.getsockname()[1]
-                )
+                async with contextlib.AsyncExitStack() as stack:
+                    for name, sock in http_socks.items():
+                        await stack.enter_async_context(_serve_http(services, sock, tls=name == "https"))
+                    yield _running(services, broker, http_socks)
             finally:
-                http.should_exit = True
-                await http_task
-        finally:
-            await broker.shutdown()
-            http_sock.close()
+                services.chat.attach_sessions(None)
+                await broker.shutdown()
+    finally:
+        for sock in http_socks.values():
+            sock.close()
+
+
+def _running(services: Services, broker: ChatBroker, http_socks: dict[str, socket.socket]) -> RunningServer:
+    def http_port(name: str) -> int | None:
+        sock = http_socks.get(name)
+        return int(sock.getsockname()[1]) if sock is not None else None
+
+    return RunningServer(
+        services,
+        broker,
+        mqtt_port=broker.bound_port("mqtt"),
+        ws_port=broker.bound_port("ws"),
+        http_port=http_port("http"),
+        mqtts_port=broker.bound_port("mqtts"),
+        wss_port=broker.bound_port("wss"),
+        https_port=http_port("https"),
+    )

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from mqchat import __version__
 from mqchat.api.errors import install_error_handlers
+from mqchat.api.limits import BodySizeLimit
 from mqchat.api.schemas import (
     ConversationList,
     ConversationPublic,
@@ -25,11 +27,13 @@ from mqchat.api.schemas import (
     ReceiptPublic,
     SendBody,
     Token,
+    TokenRequest,
     UserPublic,
 )
+from mqchat.bridge.auth import Claims
 from mqchat.bridge.services import Services
 from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
-from mqchat.core.ids import is_valid_id
+from mqchat.core.ids import DeviceAddress, is_valid_id
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
 HISTORY_MAX_LIMIT = 200
@@ -44,16 +48,26 @@ def _services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(_services)]
 
 
-def _current_user(
+async def _current_claims(
     services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> str:
+) -> Claims:
+    """A valid token: signed, unexpired, and not issued before its device was revoked."""
     if credentials is None:
         raise NotAuthorized("missing bearer token")
-    return services.tokens.verify(credentials.credentials)
+    return await services.accounts.authorize(credentials.credentials)
+
+
+ClaimsDep = Annotated[Claims, Depends(_current_claims)]
+
+
+def _current_user(claims: ClaimsDep) -> str:
+    return claims.user_id
 
 
 UserDep = Annotated[str, Depends(_current_user)]
 SinceSeq = Annotated[int, Query(ge=0, le=2**62)]
+# Ids are 64-bit in the database: a larger number must be a 422, not a driver overflow (500).
+MessageId = Annotated[int, PathParam(ge=1, le=2**62)]
 
 
 def _checked_conversation(conversation_id: str) -> str:
@@ -71,6 +85,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=services.settings.limits.http_max_body_bytes)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(services: ServicesDep) -> Health:
@@ -82,24 +97,47 @@ def create_app(services: Services) -> FastAPI:
         await services.accounts.register(body.user_id, body.password)
         return UserPublic(user_id=body.user_id)
 
-    @app.post("/v1/token", tags=["accounts"])
-    async def token(body: Credentials, services: ServicesDep) -> Token:
-        access = await services.accounts.login(body.user_id, body.password)
-        return Token(access_token=access, expires_in=services.tokens.ttl_seconds)
+    @app.post("/v1/token", tags=["accounts"], responses={429: {"description": "Too many failed logins"}})
+    async def token(body: TokenRequest, request: Request, services: ServicesDep) -> Token:
+        """Log in. Optionally scoped to one ``device_id``. Failed logins are throttled per
+        user id and per client address: 429 ``rate_limited`` with ``retry_after``."""
+        client_ip = request.client.host if request.client else None
+        access = await services.accounts.login(
+            body.user_id, body.password, client_ip=client_ip, device_id=body.device_id
+        )
+        return Token(access_token=access, expires_in=services.tokens.ttl_seconds, device_id=body.device_id)
 
-    @app.post("/v1/messages", tags=["messages"])
-    async def send(body: SendBody, user: UserDep, services: ServicesDep) -> MessageAck:
-        """Same contract as ``send_message`` / ``send_group_message``: idempotent on ``client_msg_id``."""
-        return await services.chat.send(user, body.command())
+    @app.post("/v1/token/refresh", tags=["accounts"])
+    async def refresh(claims: ClaimsDep, services: ServicesDep) -> Token:
+        """A fresh token for the same user and device scope, from a valid one."""
+        access = services.accounts.refresh(claims)
+        return Token(access_token=access, expires_in=services.tokens.ttl_seconds, device_id=claims.device_id)
+
+    @app.delete("/v1/devices/{device_id}", status_code=204, tags=["accounts"])
+    async def revoke_device(device_id: str, user: UserDep, services: ServicesDep) -> Response:
+        """Revoke one of your devices: its live MQTT connection is closed at once, and every
+        token issued before now is refused for it (MQTT and HTTP). Logging in again issues
+        fresh tokens."""
+        if not is_valid_id(device_id):
+            raise InvalidCommand("device_id must match [A-Za-z0-9_.-]{1,64}")
+        await services.accounts.revoke_device(user, device_id)
+        await services.chat.close_device(DeviceAddress(user, device_id))
+        return Response(status_code=204)
+
+    @app.post("/v1/messages", tags=["messages"], responses={429: {"description": "Sending too fast"}})
+    async def send(body: SendBody, claims: ClaimsDep, services: ServicesDep) -> MessageAck:
+        """Same contract as ``send_message`` / ``send_group_message``: idempotent on ``client_msg_id``.
+        Rate-limited like MQTT sends (per device for a device token): 429 ``rate_limited``."""
+        return await services.chat.send(claims.user_id, body.command(), device_id=claims.device_id)
 
     @app.post("/v1/messages/{message_id}/recall", status_code=204, tags=["messages"])
-    async def recall(message_id: int, user: UserDep, services: ServicesDep) -> Response:
+    async def recall(message_id: MessageId, user: UserDep, services: ServicesDep) -> Response:
         """The sender, within the recall window, turns the message into a tombstone."""
         await services.chat.recall(user, message_id)
         return Response(status_code=204)
 
     @app.get("/v1/messages/{message_id}/receipts", tags=["messages"])
-    async def receipts(message_id: int, user: UserDep, services: ServicesDep) -> ReceiptList:
+    async def receipts(message_id: MessageId, user: UserDep, services: ServicesDep) -> ReceiptList:
         """Who has the message delivered and read; for the people in its conversation."""
         found = await services.store.receipts(user, message_id)
         return ReceiptList(message_id=message_id, receipts=[ReceiptPublic.of(r) for r in found])
@@ -138,7 +176,7 @@ def create_app(services: Services) -> FastAPI:
         conversation_id: str,
         user: UserDep,
         services: ServicesDep,
-        before_id: Annotated[int | None, Query(ge=1)] = None,
+        before_id: Annotated[int | None, Query(ge=1, le=2**62)] = None,
         limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT)] = 50,
     ) -> HistoryPage:
         """A page of the conversation, newest first."""

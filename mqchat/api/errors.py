@@ -1,13 +1,16 @@
-"""The one mapping from errors to HTTP responses: ``{"error": {"code", "message"}}``."""
+"""The one mapping from errors to HTTP responses: ``{"error": {"code", "message"}}``
+(plus ``retry_after``, in seconds, with ``rate_limited``)."""
 
 from __future__ import annotations
+
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mqchat.core.errors import ChatError
+from mqchat.core.errors import ChatError, RateLimited
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -21,15 +24,28 @@ _HTTP_CODES = {
 }
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, retry_after: float | None = None) -> dict[str, dict[str, str | float]]:
+    body: dict[str, str | float] = {"code": code, "message": message}
+    if retry_after is not None:
+        body["retry_after"] = retry_after
+    return {"error": body}
+
+
+def _headers(exc: ChatError) -> dict[str, str] | None:
+    if exc.status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, RateLimited):
+        return {"Retry-After": str(math.ceil(exc.retry_after))}  # the header takes whole seconds
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatError)
     async def _chat_error(_: Request, exc: ChatError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=headers)
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        return JSONResponse(
+            error_body(exc.code, exc.message, retry_after), status_code=exc.status, headers=_headers(exc)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from mqchat.bridge.auth import MAX_PASSWORD, MIN_PASSWORD
 from mqchat.bridge.store import ConversationSummary, GroupInfo, Receipt, StoredMessage
 from mqchat.core.ids import ID_PATTERN
-from mqchat.core.protocol import ClientMsgId, Content, MsgType, SendGroupMessage, SendMessage, format_time
+from mqchat.core.protocol import ClientMsgId, Content, MsgType, SendGroupMessage, SendMessage, format_time, storable
 
 UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 Password = Annotated[str, StringConstraints(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)]
@@ -20,6 +20,12 @@ class Credentials(BaseModel):
     password: Password
 
 
+class TokenRequest(Credentials):
+    device_id: UserIdStr | None = None
+    """Scope the token to this device: it then works only for the MQTT client id
+    ``{user_id}:{device_id}`` (and over HTTP). Without it, the token works for any device."""
+
+
 class UserPublic(BaseModel):
     user_id: str
 
@@ -28,6 +34,8 @@ class Token(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
+    device_id: str | None = None
+    """The device the token is scoped to; null: any device of the user."""
 
 
 class SendBody(BaseModel):
@@ -112,7 +120,7 @@ class ConversationList(BaseModel):
 
 
 class GroupCreate(BaseModel):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100), AfterValidator(storable)]
     members: list[UserIdStr] = []
 
 
@@ -143,7 +151,7 @@ class GroupList(BaseModel):
 
 
 class ReadBody(BaseModel):
-    message_id: int
+    message_id: Annotated[int, Field(ge=1, le=2**62)]
 
 
 class ReceiptPublic(BaseModel):

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.presence import PresenceTracker, TypingThrottle
+from mqchat.bridge.ratelimit import TokenBuckets
 from mqchat.bridge.store import Emitted, GroupInfo, MessageStore, SendOutcome, SendRequest
 from mqchat.config import BridgeSettings
 from mqchat.core.errors import ChatError, NotAMember, NotFound, ServerBusy
@@ -55,6 +56,13 @@ class Publisher(Protocol):
     """Delivers a payload to the subscribers of a topic (the broker, in production)."""
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
+
+
+class SessionControl(Protocol):
+    """Ends live connections (the broker, in production)."""
+
+    async def close_device(self, device: DeviceAddress) -> bool:
+        """Close the device's live MQTT connection; False if it had none."""
 
 
 @dataclass(slots=True)
@@ -93,7 +101,11 @@ class GroupDirectory:
     async def members(self, group_id: str) -> frozenset[str]:
         cached = self._members.get(group_id)
         if cached is None:
-            cached = self._members[group_id] = await self._store.active_members(group_id)
+            cached = await self._store.active_members(group_id)
+            # Only groups with members are kept: random ids asked for by a client must not
+            # grow this cache.
+            if cached:
+                self._members[group_id] = cached
         return cached
 
     async def is_member(self, group_id: str, user_id: str) -> bool:
@@ -104,10 +116,19 @@ class GroupDirectory:
 
 
 class ChatService:
-    def __init__(self, store: MessageStore, settings: BridgeSettings, *, max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        store: MessageStore,
+        settings: BridgeSettings,
+        *,
+        max_payload_bytes: int,
+        send_limiter: TokenBuckets | None = None,
+    ) -> None:
         self._store = store
         self._settings = settings
         self._max_payload = max_payload_bytes
+        self._send_limiter = send_limiter
+        self._sessions: SessionControl | None = None
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.queue_size)
         self._publisher: Publisher | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -127,6 +148,13 @@ class ChatService:
 
     def attach_publisher(self, publisher: Publisher | None) -> None:
         self._publisher = publisher
+
+    def attach_sessions(self, sessions: SessionControl | None) -> None:
+        self._sessions = sessions
+
+    async def close_device(self, device: DeviceAddress) -> bool:
+        """End the device's live MQTT connection, if it has one (device revocation)."""
+        return self._sessions is not None and await self._sessions.close_device(device)
 
     async def start(self) -> None:
         if self._worker is None:
@@ -155,6 +183,7 @@ class ChatService:
         try:
             command = parse_command(payload, max_bytes=self._max_payload)
             if isinstance(command, SendMessage | SendGroupMessage):
+                self._limit_send(device.client_id, command.client_msg_id)
                 self._enqueue(_Pending(_request(device.user_id, command), device, None))
             elif isinstance(command, SyncMessages):
                 self._spawn(self._answer(device, self.sync(device.user_id, command.since_seq, command.limit)))
@@ -169,11 +198,20 @@ class ChatService:
         except ChatError as exc:
             self._spawn(self.reply(device, error_event(exc)))
 
-    async def send(self, sender: str, command: AnySend) -> MessageAck:
-        """Store a message sent over HTTP; returns once it is stored (fan-out follows at once)."""
+    async def send(self, sender: str, command: AnySend, *, device_id: str | None = None) -> MessageAck:
+        """Store a message sent over HTTP; returns once it is stored (fan-out follows at once).
+
+        Rate-limited per device when the token names one, else per user's HTTP sends.
+        """
+        self._limit_send(f"{sender}:{device_id}" if device_id else f"{sender}/http", command.client_msg_id)
         future: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(_request(sender, command), None, future))
         return await future
+
+    def _limit_send(self, key: str, ref: str) -> None:
+        # Refused before the queue: a flood from one device never crowds out the others.
+        if self._send_limiter is not None:
+            self._send_limiter.take(key, ref=ref)
 
     def _enqueue(self, pending: _Pending) -> None:
         try:
@@ -331,7 +369,7 @@ class ChatService:
         return self.presence.of(user_id)
 
     async def typing(self, device: DeviceAddress, command: Typing) -> None:
-        target = command.group_id or command.to_user or ""
+        target = f"group:{command.group_id}" if command.group_id else f"user:{command.to_user}"
         if not self._typing.allow(device.client_id, target, command.state):
             return  # ephemeral and throttled: dropping a repeat loses nothing
         event = TypingEvent(

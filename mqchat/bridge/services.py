@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from mqchat.bridge.auth import Accounts, TokenIssuer
+from mqchat.bridge.ratelimit import TokenBuckets
 from mqchat.bridge.service import ChatService
 from mqchat.bridge.sql import SqlStore
 from mqchat.config import Settings
@@ -35,10 +36,16 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
     try:
         await store.create_schema()
         tokens = TokenIssuer(settings.resolved_secret(), settings.auth.token_ttl_seconds)
-        chat = ChatService(store, settings.bridge, max_payload_bytes=settings.mqtt.max_payload_bytes)
+        limits = settings.limits
+        chat = ChatService(
+            store,
+            settings.bridge,
+            max_payload_bytes=settings.mqtt.max_payload_bytes,
+            send_limiter=TokenBuckets(limits.send_rate_per_second, limits.send_burst),
+        )
         await chat.start()
         try:
-            yield Services(settings, store, Accounts(store, tokens), chat)
+            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat)
         finally:
             await chat.stop()
     finally:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import and_, bindparam, event, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -43,6 +43,7 @@ from mqchat.bridge.tables import (
     METADATA,
     conversation_marks,
     device_cursors,
+    device_revocations,
     group_members,
     groups,
     messages,
@@ -80,6 +81,7 @@ log = logging.getLogger(__name__)
 
 NEW_MESSAGE = "new_message"
 _RETRIES = 5
+_T = TypeVar("_T")
 
 
 class _Retry(Exception):
@@ -125,11 +127,13 @@ def render_new_message(seq: int, message: StoredMessage) -> NewMessage:
 
 
 def create_engine(url: str) -> AsyncEngine:
+    # hide_parameters: a driver error's text would otherwise quote the bound values (message
+    # content, password hashes) into the WARNING that _tx logs.
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         _configure_sqlite(engine)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True)
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -282,6 +286,21 @@ class SqlStore:
             result = await conn.execute(select(users.c.password_hash).where(users.c.user_id == user_id))
             return result.scalar_one_or_none()
 
+    async def revoke_device(self, user_id: str, device_id: str, at_ms: int) -> None:
+        values = {"user_id": user_id, "device_id": device_id, "revoked_at_ms": at_ms}
+        async with self._tx(write=True) as conn:
+            await conn.execute(
+                self._upsert(device_revocations, values, ["user_id", "device_id"], {"revoked_at_ms": ""})
+            )
+
+    async def device_revoked_at(self, user_id: str, device_id: str) -> int | None:
+        query = select(device_revocations.c.revoked_at_ms).where(
+            device_revocations.c.user_id == user_id, device_revocations.c.device_id == device_id
+        )
+        async with self._tx() as conn:
+            found = (await conn.execute(query)).scalar_one_or_none()
+        return None if found is None else int(found)
+
     # ---------------------------------------------------------- messages
 
     async def save_messages(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
@@ -371,30 +390,45 @@ class SqlStore:
 
     # ------------------------------------------------- cursors and receipts
 
+    async def _retrying(self, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+        """Run a write transaction, starting over while the set of streams to lock keeps changing."""
+        for _ in range(_RETRIES):
+            try:
+                async with self._tx(write=True) as conn:
+                    return await work(conn)
+            except _Retry:
+                continue
+        raise StorageUnavailable("concurrent changes kept interfering; nothing was changed, try again")
+
     async def advance_cursor(self, user_id: str, device_id: str, seq: int) -> tuple[int, Emitted]:
-        async with self._tx(write=True) as conn:
-            seq = min(seq, await self._latest(conn, user_id))  # nobody has seen past the head
-            covered = await self._newly_delivered(conn, user_id, seq)
-            streams = _Streams(conn, await self._lock(conn, {user_id} | {s for _, s, _ in covered}))
-            covered = await self._newly_delivered(conn, user_id, seq)  # under the lock: only smaller
-            await self._upsert_cursor(conn, user_id, device_id, seq)
-            now = datetime.now(UTC)
-            for conversation_id, sender, message_id in covered:
-                await self._raise_mark(conn, user_id, conversation_id, delivered=(message_id, now))
-                sender_view = conversation_id if conversation_id.startswith("group:") else f"user:{user_id}"
-                streams.emit(
-                    sender,
-                    MessageDelivered(
-                        seq=0,
-                        message_id=message_id,
-                        conversation_id=sender_view,
-                        delivered_to=user_id,
-                        delivered_at=format_time(now),
-                    ),
-                    sender_view,
-                )
-            emitted = await streams.flush()
-            return await self._cursor(conn, user_id, device_id), emitted
+        return await self._retrying(lambda conn: self._advance_cursor(conn, user_id, device_id, seq))
+
+    async def _advance_cursor(
+        self, conn: AsyncConnection, user_id: str, device_id: str, seq: int
+    ) -> tuple[int, Emitted]:
+        seq = min(seq, await self._latest(conn, user_id))  # nobody has seen past the head
+        covered = await self._newly_delivered(conn, user_id, seq)
+        streams = _Streams(conn, await self._lock(conn, {user_id} | {s for _, s, _ in covered}))
+        covered = await self._newly_delivered(conn, user_id, seq)  # under the lock
+        _require_locked(streams, {s for _, s, _ in covered})
+        await self._upsert_cursor(conn, user_id, device_id, seq)
+        now = datetime.now(UTC)
+        for conversation_id, sender, message_id in covered:
+            await self._raise_mark(conn, user_id, conversation_id, delivered=(message_id, now))
+            sender_view = conversation_id if conversation_id.startswith("group:") else f"user:{user_id}"
+            streams.emit(
+                sender,
+                MessageDelivered(
+                    seq=0,
+                    message_id=message_id,
+                    conversation_id=sender_view,
+                    delivered_to=user_id,
+                    delivered_at=format_time(now),
+                ),
+                sender_view,
+            )
+        emitted = await streams.flush()
+        return await self._cursor(conn, user_id, device_id), emitted
 
     async def _newly_delivered(self, conn: AsyncConnection, user_id: str, upto: int) -> list[tuple[str, str, int]]:
         """(conversation, sender, highest message id) of messages from others in the user's
@@ -454,14 +488,24 @@ class SqlStore:
             "delivered_upto": 0,
             "read_upto": 0,
         }
-        greatest: dict[str, str] = {}
-        plain: list[str] = []
+        dialect = postgresql if self._dialect == "postgresql" else sqlite
+        grow = func.greatest if self._dialect == "postgresql" else func.max
+        changes: dict[str, Any] = {}
         for name, mark in (("delivered", delivered), ("read", read)):
-            if mark is not None:
-                values[f"{name}_upto"], values[f"{name}_at"] = mark
-                greatest[f"{name}_upto"] = ""
-                plain.append(f"{name}_at")
-        await conn.execute(self._upsert(conversation_marks, values, ["user_id", "conversation_id"], greatest, plain))
+            if mark is None:
+                continue
+            values[f"{name}_upto"], values[f"{name}_at"] = mark
+        stmt = dialect.insert(conversation_marks).values(**values)
+        table = conversation_marks.c
+        for name, mark in (("delivered", delivered), ("read", read)):
+            if mark is None:
+                continue
+            upto, at = f"{name}_upto", f"{name}_at"
+            changes[upto] = grow(table[upto], stmt.excluded[upto])
+            # The time moves only with the watermark: reading an older message must not
+            # make newer ones look delivered later than they were.
+            changes[at] = case((stmt.excluded[upto] > table[upto], stmt.excluded[at]), else_=table[at])
+        await conn.execute(stmt.on_conflict_do_update(index_elements=["user_id", "conversation_id"], set_=changes))
 
     async def get_cursor(self, user_id: str, device_id: str) -> int:
         async with self._tx() as conn:
@@ -474,35 +518,39 @@ class SqlStore:
         return int((await conn.execute(query)).scalar_one_or_none() or 0)
 
     async def mark_read(self, user_id: str, message_id: int) -> Emitted:
-        async with self._tx(write=True) as conn:
-            conversation_id = await self._conversation_of(conn, user_id, message_id)
-            covered = await self._newly_read(conn, user_id, conversation_id, message_id)
-            streams = _Streams(conn, await self._lock(conn, {user_id} | {s for s, _ in covered}))
-            covered = await self._newly_read(conn, user_id, conversation_id, message_id)
-            if await self._read_upto(conn, user_id, conversation_id) >= message_id:
-                return ()
-            now = datetime.now(UTC)
-            # Read implies delivered: a read message has certainly reached a device.
-            await self._raise_mark(conn, user_id, conversation_id, delivered=(message_id, now), read=(message_id, now))
-            for sender, highest in covered:
-                sender_view = conversation_id if conversation_id.startswith("group:") else f"user:{user_id}"
-                streams.emit(
-                    sender,
-                    MessageRead(
-                        seq=0,
-                        message_id=highest,
-                        conversation_id=sender_view,
-                        read_by=user_id,
-                        read_at=format_time(now),
-                    ),
-                    sender_view,
-                )
+        return await self._retrying(lambda conn: self._mark_read(conn, user_id, message_id))
+
+    async def _mark_read(self, conn: AsyncConnection, user_id: str, message_id: int) -> Emitted:
+        conversation_id = await self._conversation_of(conn, user_id, message_id)
+        covered = await self._newly_read(conn, user_id, conversation_id, message_id)
+        streams = _Streams(conn, await self._lock(conn, {user_id} | {s for s, _ in covered}))
+        covered = await self._newly_read(conn, user_id, conversation_id, message_id)
+        # With several writers ids do not follow commit order: a sender may appear now.
+        _require_locked(streams, {s for s, _ in covered})
+        if await self._read_upto(conn, user_id, conversation_id) >= message_id:
+            return ()
+        now = datetime.now(UTC)
+        # Read implies delivered: a read message has certainly reached a device.
+        await self._raise_mark(conn, user_id, conversation_id, delivered=(message_id, now), read=(message_id, now))
+        for sender, highest in covered:
+            sender_view = conversation_id if conversation_id.startswith("group:") else f"user:{user_id}"
             streams.emit(
-                user_id,
-                ReadMarker(seq=0, message_id=message_id, conversation_id=conversation_id, read_at=format_time(now)),
-                conversation_id,
+                sender,
+                MessageRead(
+                    seq=0,
+                    message_id=highest,
+                    conversation_id=sender_view,
+                    read_by=user_id,
+                    read_at=format_time(now),
+                ),
+                sender_view,
             )
-            return await streams.flush()
+        streams.emit(
+            user_id,
+            ReadMarker(seq=0, message_id=message_id, conversation_id=conversation_id, read_at=format_time(now)),
+            conversation_id,
+        )
+        return await streams.flush()
 
     async def _conversation_of(self, conn: AsyncConnection, user_id: str, message_id: int) -> str:
         """The conversation of a message in the user's stream, or ``NotFound`` if it never reached it."""
@@ -702,59 +750,48 @@ class SqlStore:
         )
 
     async def add_member(self, group_id: str, by: str, user_id: str, limit: int) -> Emitted:
-        for _ in range(_RETRIES):
-            try:
-                async with self._tx(write=True) as conn:
-                    group, members = await self._group_for_change(conn, group_id)
-                    if group.owner != by:
-                        raise NotAllowed("only the group's owner adds members")
-                    if user_id in members:
-                        return ()
-                    if len(members) + 1 > limit:
-                        raise GroupFull(f"a group has at most {limit} members")
-                    streams = await self._lock_members(conn, group_id, members | {user_id})
-                    if user_id not in streams.heads:
-                        raise UnknownUser(f"no such user {user_id!r}")
-                    values = {"group_id": group_id, "user_id": user_id, "active": True, "joined_at": datetime.now(UTC)}
-                    dialect = postgresql if self._dialect == "postgresql" else sqlite
-                    stmt = dialect.insert(group_members).values(**values)
-                    await conn.execute(
-                        stmt.on_conflict_do_update(
-                            index_elements=["group_id", "user_id"],
-                            set_={"active": True, "joined_at": stmt.excluded.joined_at},
-                        )
-                    )
-                    for member in sorted(members | {user_id}):
-                        self._group_event(streams, member, group_id, "member_added", user_id, by)
-                    return await streams.flush()
-            except _Retry:
-                continue
-        raise StorageUnavailable("group membership kept changing; try again")
+        return await self._retrying(lambda conn: self._add_member(conn, group_id, by, user_id, limit))
+
+    async def _add_member(self, conn: AsyncConnection, group_id: str, by: str, user_id: str, limit: int) -> Emitted:
+        group, members = await self._group_for_change(conn, group_id)
+        if _check_add(group, members, by, user_id, limit):
+            return ()
+        streams = await self._lock_members(conn, group_id, members | {user_id})
+        group, members = await self._group_for_change(conn, group_id)  # decide on what is locked
+        if _check_add(group, members, by, user_id, limit):
+            return ()
+        if user_id not in streams.heads:
+            raise UnknownUser(f"no such user {user_id!r}")
+        values = {"group_id": group_id, "user_id": user_id, "active": True, "joined_at": datetime.now(UTC)}
+        dialect = postgresql if self._dialect == "postgresql" else sqlite
+        stmt = dialect.insert(group_members).values(**values)
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["group_id", "user_id"], set_={"active": True, "joined_at": stmt.excluded.joined_at}
+            )
+        )
+        for member in sorted(members | {user_id}):
+            self._group_event(streams, member, group_id, "member_added", user_id, by)
+        return await streams.flush()
 
     async def remove_member(self, group_id: str, by: str, user_id: str) -> Emitted:
-        for _ in range(_RETRIES):
-            try:
-                async with self._tx(write=True) as conn:
-                    group, members = await self._group_for_change(conn, group_id)
-                    if by != user_id and group.owner != by:
-                        raise NotAllowed("only the group's owner removes members; members may leave")
-                    if user_id == group.owner:
-                        raise NotAllowed("the owner cannot leave or be removed")
-                    if user_id not in members:
-                        raise NotAMember(f"{user_id!r} is not a member of {group_id!r}")
-                    streams = await self._lock_members(conn, group_id, members)
-                    await conn.execute(
-                        update(group_members)
-                        .where(group_members.c.group_id == group_id, group_members.c.user_id == user_id)
-                        .values(active=False)
-                    )
-                    action: GroupAction = "member_left" if by == user_id else "member_removed"
-                    for member in sorted(members):
-                        self._group_event(streams, member, group_id, action, user_id, by)
-                    return await streams.flush()
-            except _Retry:
-                continue
-        raise StorageUnavailable("group membership kept changing; try again")
+        return await self._retrying(lambda conn: self._remove_member(conn, group_id, by, user_id))
+
+    async def _remove_member(self, conn: AsyncConnection, group_id: str, by: str, user_id: str) -> Emitted:
+        group, members = await self._group_for_change(conn, group_id)
+        _check_remove(group, members, by, user_id)
+        streams = await self._lock_members(conn, group_id, members)
+        group, members = await self._group_for_change(conn, group_id)  # decide on what is locked
+        _check_remove(group, members, by, user_id)
+        await conn.execute(
+            update(group_members)
+            .where(group_members.c.group_id == group_id, group_members.c.user_id == user_id)
+            .values(active=False)
+        )
+        action: GroupAction = "member_left" if by == user_id else "member_removed"
+        for member in sorted(members):
+            self._group_event(streams, member, group_id, action, user_id, by)
+        return await streams.flush()
 
     async def _group_for_change(self, conn: AsyncConnection, group_id: str) -> tuple[GroupInfo, frozenset[str]]:
         group = await self._group(conn, group_id)
@@ -819,6 +856,31 @@ class SqlStore:
                 .limit(1)
             )
             return (await conn.execute(shared)).first() is not None
+
+
+def _require_locked(streams: _Streams, users: set[str]) -> None:
+    if not users <= set(streams.heads):
+        raise _Retry
+
+
+def _check_add(group: GroupInfo, members: frozenset[str], by: str, user_id: str, limit: int) -> bool:
+    """Whether ``by`` may add ``user_id``; True if it is a member already (nothing to do)."""
+    if group.owner != by:
+        raise NotAllowed("only the group's owner adds members")
+    if user_id in members:
+        return True
+    if len(members) + 1 > limit:
+        raise GroupFull(f"a group has at most {limit} members")
+    return False
+
+
+def _check_remove(group: GroupInfo, members: frozenset[str], by: str, user_id: str) -> None:
+    if by != user_id and group.owner != by:
+        raise NotAllowed("only the group's owner removes members; members may leave")
+    if user_id == group.owner:
+        raise NotAllowed("the owner cannot leave or be removed")
+    if user_id not in members:
+        raise NotAMember(f"{user_id!r} is not a member of {group.group_id!r}")
 
 
 def _render(row: Any) -> AnyStreamEvent:

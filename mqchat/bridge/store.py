@@ -103,6 +103,12 @@ class MessageStore(Protocol):
 
     async def get_password_hash(self, user_id: str) -> str | None: ...
 
+    async def revoke_device(self, user_id: str, device_id: str, at_ms: int) -> None:
+        """Refuse, from now on, the device's tokens issued at or before ``at_ms``."""
+
+    async def device_revoked_at(self, user_id: str, device_id: str) -> int | None:
+        """When the device was last revoked (ms since the epoch), or None."""
+
     async def save_messages(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         """Store a batch in one transaction, one result per request, in order.
 

@@ -103,6 +103,21 @@ class ConversationMark(SQLModel, table=True):
     read_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
 
 
+class DeviceRevocation(SQLModel, table=True):
+    """A revoked device: tokens issued before ``revoked_at`` no longer work for it.
+
+    Checked at MQTT CONNECT and by the HTTP auth dependency. A later login issues fresh
+    tokens, so a revoked device id can be used again by whoever knows the password."""
+
+    __tablename__ = "device_revocations"
+
+    user_id: str = Field(primary_key=True, max_length=64, foreign_key="users.user_id")
+    device_id: str = Field(primary_key=True, max_length=64)
+    # Milliseconds since the epoch, compared with the token's ``iat_ms``: a plain integer
+    # compares the same on SQLite and PostgreSQL, with no time zone to lose.
+    revoked_at_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
 METADATA = SQLModel.metadata
 users = User.__table__  # type: ignore[attr-defined]
 groups = Group.__table__  # type: ignore[attr-defined]
@@ -111,3 +126,4 @@ messages = Message.__table__  # type: ignore[attr-defined]
 stream_events = StreamEventRow.__table__  # type: ignore[attr-defined]
 device_cursors = DeviceCursor.__table__  # type: ignore[attr-defined]
 conversation_marks = ConversationMark.__table__  # type: ignore[attr-defined]
+device_revocations = DeviceRevocation.__table__  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from amqtt.session import ApplicationMessage, Session
 
 from mqchat.bridge.service import ChatService
 from mqchat.bridge.services import Services
-from mqchat.core.errors import ChatError, NotAllowed
+from mqchat.core.errors import ChatError, NotAllowed, StorageUnavailable
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.protocol import error_event
 from mqchat.core.topics import (
@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 # CONNACK return codes (MQTT 3.1.1, 3.2.2.3)
 IDENTIFIER_REJECTED = 0x02
+SERVER_UNAVAILABLE = 0x03
 NOT_AUTHORIZED = 0x05
 REFUSAL_ATTR = "mqchat_refusal"
+REPLACED_ATTR = "mqchat_replaced"
+"""Set on a session whose connection was closed because its device reconnected."""
 DEVICE_ATTR = "mqchat_device"
 
 
@@ -47,7 +50,8 @@ def session_device(session: Session | None) -> DeviceAddress | None:
 
 
 class TokenAuthPlugin(BaseAuthPlugin):
-    """CONNECT: client id ``{user}:{device}``, username = user, password = access token."""
+    """CONNECT: client id ``{user}:{device}``, username = user, password = access token
+    (of this user, for any device or for this one, and not revoked for this device)."""
 
     @dataclass
     class Config:
@@ -64,10 +68,14 @@ class TokenAuthPlugin(BaseAuthPlugin):
         if session.username != device.user_id or not session.password:
             return False
         try:
-            user_id = services.tokens.verify(str(session.password))
+            # Checks the token's device scope and the device's revocation too.
+            claims = await services.accounts.authorize(str(session.password), device.device_id)
+        except StorageUnavailable:
+            setattr(session, REFUSAL_ATTR, SERVER_UNAVAILABLE)
+            return False
         except ChatError:
             return False
-        if user_id != device.user_id:
+        if claims.user_id != device.user_id:
             return False
         setattr(session, DEVICE_ATTR, device)
         setattr(session, REFUSAL_ATTR, None)
@@ -110,6 +118,7 @@ class ChatAclPlugin(BaseTopicPlugin):
 
 @dataclass
 class _DeviceState:
+    session: Session
     topics: set[str] = field(default_factory=set)
     catch_up: asyncio.Task[None] | None = None
     again: bool = False
@@ -160,7 +169,7 @@ class ChatBridgePlugin(BasePlugin[BrokerContext]):
         device = session_device(self.context.get_session(client_id))
         if device is None or topic not in (stream_topic(device.user_id), device_topic(device)):
             return
-        state = self._devices.setdefault(client_id, _DeviceState())
+        state = self._state(client_id, client_session_of(self.context, client_id))
         state.topics.add(topic)
         if device_topic(device) in state.topics:
             self._schedule_catch_up(client_id, device, state)
@@ -178,19 +187,29 @@ class ChatBridgePlugin(BasePlugin[BrokerContext]):
         # A resumed session (clean_session=false) keeps its subscriptions and sends no
         # SUBSCRIBE: catch up from the cursor now.
         if client_session.parent and self._subscribed(client_session, device_topic(device)):
-            state = self._devices.setdefault(client_id, _DeviceState())
+            state = self._state(client_id, client_session)
             state.topics.add(device_topic(device))
             self._schedule_catch_up(client_id, device, state)
 
     def _subscribed(self, session: Session, topic: str) -> bool:
         return any(s is session for s, _ in self.context.subscriptions.get(topic, ()))
 
+    def _state(self, client_id: str, session: Session | None) -> _DeviceState:
+        state = self._devices.get(client_id)
+        if state is None or state.session is not session:
+            if state is not None and state.catch_up is not None:
+                state.catch_up.cancel()
+            state = self._devices[client_id] = _DeviceState(session=session)
+        return state
+
     async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:
-        if self.context.get_session(client_id) not in (None, client_session):
-            return  # a replaced connection of a device that has already reconnected
-        state = self._devices.pop(client_id, None)
-        if state is not None and state.catch_up is not None:
-            state.catch_up.cancel()
+        state = self._devices.get(client_id)
+        if state is not None and state.session is client_session:
+            del self._devices[client_id]
+            if state.catch_up is not None:
+                state.catch_up.cancel()
+        if getattr(client_session, REPLACED_ATTR, False):
+            return  # the device is still online, on its new connection
         device = session_device(client_session)
         if device is not None:
             await self._chat.device_disconnected(device)
@@ -212,6 +231,10 @@ class ChatBridgePlugin(BasePlugin[BrokerContext]):
                 await self._chat.reply(device, error_event(exc))
             if not state.again or self._devices.get(client_id) is not state:
                 return
+
+
+def client_session_of(context: BrokerContext, client_id: str) -> Session | None:
+    return context.get_session(client_id)
 
 
 class _BrokerPublisher:

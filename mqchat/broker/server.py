@@ -11,13 +11,18 @@ in step, holding the very same lists, for the code that still reads it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import ssl
 from collections import deque
+from functools import partial
 from typing import Any
 
+import websockets
+from amqtt.adapters import StreamReaderAdapter, WebSocketsWriter
 from amqtt.broker import Broker
-from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.contexts import Action, ListenerType
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
@@ -26,8 +31,11 @@ from amqtt.session import Session
 from transitions import MachineError
 
 from mqchat.bridge.services import Services
-from mqchat.broker.plugins import DEVICE_ATTR, NOT_AUTHORIZED, REFUSAL_ATTR
+from mqchat.broker.guard import PacketGuard, StreamWriter, WebSocketReader
+from mqchat.broker.plugins import DEVICE_ATTR, NOT_AUTHORIZED, REFUSAL_ATTR, REPLACED_ATTR, session_device
 from mqchat.broker.topic_tree import TopicTree, has_wildcard, matches
+from mqchat.config import LimitsSettings, Settings
+from mqchat.core.ids import DeviceAddress
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +46,38 @@ _PLUGINS = (
 )
 
 
-def broker_config(services: Services, *, host: str, port: int, ws_port: int | None) -> dict[str, Any]:
-    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
-    if ws_port is not None:
-        listeners["ws"] = {"type": "ws", "bind": f"{host}:{ws_port}"}
+SUBACK_FAILURE = 0x80
+LISTENERS = ("mqtt", "ws", "mqtts", "wss")
+"""Our names for the listeners; ``ChatBroker.bound_port`` takes them."""
+
+
+def listener_configs(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Our listener name -> amqtt listener config, for the listeners the settings turn on."""
+    host, tls = settings.mqtt.host, settings.tls
+    listeners: dict[str, dict[str, Any]] = {}
+    if tls.plain_listeners:
+        listeners["mqtt"] = {"type": "tcp", "bind": f"{host}:{settings.mqtt.port}"}
+        listeners["ws"] = {"type": "ws", "bind": f"{host}:{settings.mqtt.ws_port}"}
+    if tls.enabled:
+        secured = {"ssl": True, "certfile": str(tls.certfile), "keyfile": str(tls.keyfile)}
+        listeners["mqtts"] = {"type": "tcp", "bind": f"{host}:{tls.mqtts_port}", **secured}
+        listeners["wss"] = {"type": "ws", "bind": f"{host}:{tls.wss_port}", **secured}
+    return listeners
+
+
+def listener_names(settings: Settings) -> dict[str, str]:
+    """Our listener name -> amqtt's. amqtt requires one called "default" (the others
+    inherit its unset fields): it is the first one we run."""
+    ours = list(listener_configs(settings))
+    return {name: "default" if name == ours[0] else name for name in ours}
+
+
+def broker_config(services: Services, settings: Settings | None = None) -> dict[str, Any]:
+    settings = settings or services.settings
+    listeners = listener_configs(settings)
+    names = listener_names(settings)
     return {
-        "listeners": listeners,
+        "listeners": {names[name]: config for name, config in listeners.items()},
         # Durability comes from the store and each device's cursor, not from amqtt's
         # in-memory queues for clean_session=false sessions (which a restart loses).
         "plugins": {name: {"services": services} for name in _PLUGINS},
@@ -52,8 +86,6 @@ def broker_config(services: Services, *, host: str, port: int, ws_port: int | No
 
 Subscribers = list[tuple[Session, int]]
 
-# amqtt's add_subscription returns this for a refused filter.
-_REFUSED = 0x80
 # Broadcasts fanned out per turn of amqtt's broadcast loop: amqtt pays a task and an
 # ``asyncio.wait`` per broadcast; taking what is queued amortises that, and the cap
 # keeps one turn from holding the event loop for long.
@@ -72,19 +104,75 @@ class _SubscriptionTable(dict[str, Subscribers]):
 
 
 class ChatBroker(Broker):
-    """amqtt's broker, authenticating before it touches sessions, with precise CONNACK codes
-    and indexed subscriptions."""
+    """amqtt's broker, authenticating before it touches sessions, with precise CONNACK codes,
+    whole-packet framing and limits (guard.py), and per-user connection and per-connection
+    subscription limits."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, config: dict[str, Any], limits: LimitsSettings | None = None, names: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(config)
         self._subscriptions: dict[str, Subscribers] = _SubscriptionTable()
         self._tree: TopicTree[Subscribers] = TopicTree()
-        self._filters_of: dict[str, set[str]] = {}
+        # client id -> the filters it holds, so a disconnect touches only its own.
+        self._by_client: dict[str, set[str]] = {}
+        self._limits = limits or LimitsSettings()
+        self._names = names or {"mqtt": "default", "ws": "ws"}
+        # user id -> {connection handler: client id}, for max_connections_per_user.
+        self._live: dict[str, dict[BrokerProtocolHandler, str]] = {}
 
     async def start(self) -> None:
         self._tree = TopicTree()
-        self._filters_of.clear()
+        self._by_client.clear()
         await super().start()
+
+    # ------------------------------------------------------------ transport
+
+    def _guard(self, reader: Any, writer: Any) -> PacketGuard:
+        limits = self._limits
+        return PacketGuard(
+            reader, writer, max_packet=limits.max_packet_bytes, connect_timeout=limits.connect_timeout_seconds
+        )
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        adapter = StreamWriter(writer)
+        await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+
+    async def ws_connected(self, websocket: Any, listener_name: str) -> None:
+        adapter = WebSocketsWriter(websocket)
+        await self._client_connected(listener_name, self._guard(WebSocketReader(websocket), adapter), adapter)
+
+    async def _create_server_instance(
+        self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
+    ) -> Any:
+        if listener_type != ListenerType.WS:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        # As amqtt does, plus a frame size bound: websockets would otherwise buffer
+        # messages of up to 1 MiB before the guard sees the MQTT length.
+        return await websockets.serve(
+            partial(self.ws_connected, listener_name=listener_name),
+            address,
+            port,
+            ssl=ssl_context,
+            subprotocols=[websockets.Subprotocol("mqtt")],
+            max_size=self._limits.max_packet_bytes + 16,
+        )
+
+    @staticmethod
+    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+        # Clients authenticate with tokens, not certificates: no client-certificate
+        # request (amqtt asks for one optionally), and nothing older than TLS 1.2.
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(listener["certfile"], listener["keyfile"])
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError(f"cannot load the TLS certificate or key: {exc}") from exc
+        return context
+
+    # ------------------------------------------------------------- sessions
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -94,21 +182,66 @@ class ChatBroker(Broker):
         # refused session in its place: one CONNECT with a wrong token could silently cut
         # a device off its subscriptions. We read CONNECT and authenticate first; a
         # refused client is answered and closed without touching the session table.
+        handler, session = await self._read_connect(reader, writer)
+        if not await self._authenticate(session, None):
+            code = getattr(session, REFUSAL_ATTR, None) or NOT_AUTHORIZED
+            log.info("refused connection from %s:%s (CONNACK %d)", remote_address, remote_port, code)
+            await self._refuse(writer, code)
+        device = session_device(session)
+        assert device is not None  # authenticated
+        if self._connections_of(device) >= self._limits.max_connections_per_user:
+            log.warning(
+                "refused %s: %s already has %d connections (limits.max_connections_per_user)",
+                device.client_id,
+                device.user_id,
+                self._limits.max_connections_per_user,
+            )
+            await self._refuse(writer, NOT_AUTHORIZED)
+        # Counted from here, before any await, so that simultaneous CONNECTs cannot all pass.
+        self._live.setdefault(device.user_id, {})[handler] = device.client_id
+        try:
+            _enforce_keepalive(handler, session)
+            return await self._adopt_session(handler, session)
+        except BaseException:
+            self._forget(device, handler)
+            raise
+
+    async def _read_connect(self, reader: Any, writer: Any) -> tuple[BrokerProtocolHandler, Session]:
         try:
             handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except MQTTError:
             await writer.close()
             raise
         except NoDataError as exc:
-            raise AMQTTError(exc) from exc
-        if not await self._authenticate(session, None):
-            code = getattr(session, REFUSAL_ATTR, None) or NOT_AUTHORIZED
-            log.info("refused connection from %s:%s (CONNACK %d)", remote_address, remote_port, code)
-            await ConnackPacket.build(0, code).to_stream(writer)
+            # The client went away (or the guard refused it) before a whole CONNECT: amqtt
+            # would return without closing, and leak the socket until garbage collection.
             await writer.close()
-            raise MQTTError(f"connection refused with CONNACK {code}")
-        _enforce_keepalive(handler, session)
-        return await self._adopt_session(handler, session)
+            raise AMQTTError(exc) from exc
+        except Exception as exc:
+            # A CONNECT that passed the guard's framing but that amqtt's parser chokes on
+            # (hostile field contents): close it here, or asyncio would log the traceback
+            # and leave the socket open.
+            log.warning("closing a connection with an unreadable CONNECT: %s", exc.__class__.__name__)
+            await writer.close()
+            raise AMQTTError(exc) from exc
+        return handler, session
+
+    async def _refuse(self, writer: Any, code: int) -> None:
+        await ConnackPacket.build(0, code).to_stream(writer)
+        await writer.close()
+        raise MQTTError(f"connection refused with CONNACK {code}")
+
+    def _connections_of(self, device: DeviceAddress) -> int:
+        """Live connections of the device's user, not counting the one it takes over."""
+        live = self._live.get(device.user_id, {})
+        return sum(1 for client_id in live.values() if client_id != device.client_id)
+
+    def _forget(self, device: DeviceAddress, handler: BrokerProtocolHandler) -> None:
+        live = self._live.get(device.user_id)
+        if live is not None:
+            live.pop(handler, None)
+            if not live:
+                del self._live[device.user_id]
 
     async def _adopt_session(
         self, handler: BrokerProtocolHandler, session: Session
@@ -122,7 +255,7 @@ class ChatBroker(Broker):
             existing, _ = self._sessions[session.client_id]
             for attr in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
                 setattr(existing, attr, getattr(session, attr))
-            for attr in (DEVICE_ATTR, REFUSAL_ATTR):
+            for attr in (DEVICE_ATTR, REFUSAL_ATTR, REPLACED_ATTR):
                 setattr(existing, attr, getattr(session, attr, None))
             session = existing
             session.parent = 1
@@ -139,6 +272,21 @@ class ChatBroker(Broker):
         server: Any,
         listener_name: str,
     ) -> None:
+        # amqtt answers every failed authentication with "not authorized"; a malformed
+        # client id must get "identifier rejected" instead.
+        handler.mqtt_connack_authorize = functools.partial(_connack, handler)
+        if isinstance(reader, PacketGuard):
+            reader.client_id = client_session.client_id or ""
+        try:
+            await self._run_session(reader, writer, client_session, handler)
+        finally:
+            device = session_device(client_session)
+            if device is not None:
+                self._forget(device, handler)
+
+    async def _run_session(
+        self, reader: Any, writer: Any, client_session: Session, handler: BrokerProtocolHandler
+    ) -> None:
         """amqtt's session lifecycle, less what cost time per connected device.
 
         ``_initialize_client_session`` has authenticated the client already (amqtt
@@ -154,7 +302,7 @@ class ChatBroker(Broker):
         )
         await handler.start()
         await self._publish_session_retained_messages(client_session)
-        for topic_filter in sorted(self._filters_of.get(client_session.client_id, ())):
+        for topic_filter in sorted(self._by_client.get(client_session.client_id, ())):
             await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), client_session)
         await self._client_message_loop(client_session, handler)
 
@@ -173,38 +321,22 @@ class ChatBroker(Broker):
                 log.warning("%s is reconnecting too quickly: waiting 1 s", session.client_id)
                 await asyncio.sleep(1)
 
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Session
-    ) -> None:
-        # Only a session that holds the filter gets its retained messages: amqtt 0.12
-        # checked no ACL here, so any user would have got everyone's retained presence.
-        topic_filter, qos = subscription
-        if topic_filter not in self._filters_of.get(session.client_id, ()):
-            return
-        handler = self._get_handler(session)
-        retained = self._retained_for(topic_filter)
-        if handler is not None and retained:
-            await asyncio.gather(
-                *(handler.mqtt_publish(r.topic, r.data, min(qos, r.qos or qos), retain=True) for r in retained),
-                return_exceptions=True,
-            )
-
-    def _retained_for(self, topic_filter: str) -> list[Any]:
-        # amqtt scanned every retained message (one presence per user) on every SUBSCRIBE.
-        if not has_wildcard(topic_filter):
-            found = self._retained_messages.get(topic_filter)
-            return [] if found is None else [found]
-        return [r for topic, r in self._retained_messages.items() if matches(topic, topic_filter)]
-
-    # ------------------------------------------------------- subscriptions
+    # -------------------------------------------------------- subscriptions
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's, refusing (0x80) a new filter beyond ``max_subscriptions_per_connection``."""
+        topic_filter, _ = subscription
+        held = _filters_of(session)
+        limit = self._limits.max_subscriptions_per_connection
+        if topic_filter not in held and len(held) >= limit:
+            log.warning("%s: SUBSCRIBE refused, it holds %d filters already", session.client_id, len(held))
+            return SUBACK_FAILURE
         code = int(await super().add_subscription(subscription, session))
-        topic_filter = subscription[0]
         subscribers = self._subscriptions.get(topic_filter)
-        if code != _REFUSED and subscribers is not None:
+        if code != SUBACK_FAILURE and subscribers is not None:
+            held.add(topic_filter)
             self._tree[topic_filter] = subscribers
-            self._filters_of.setdefault(session.client_id, set()).add(topic_filter)
+            self._by_client.setdefault(session.client_id, set()).add(topic_filter)
         return code
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
@@ -220,18 +352,42 @@ class ChatBroker(Broker):
         if not subscribers:
             del self._subscriptions[a_filter]
             del self._tree[a_filter]
-        filters = self._filters_of.get(session.client_id)
+        _filters_of(session).discard(a_filter)
+        filters = self._by_client.get(session.client_id)
         if filters is not None:
             filters.discard(a_filter)
             if not filters:
-                del self._filters_of[session.client_id]
+                del self._by_client[session.client_id]
         return 1
 
     async def _del_all_subscriptions(self, session: Session) -> None:
         # amqtt walked every filter of every client for each disconnect: 5,000 devices
         # dropping at once stalled the broker for seconds.
-        for topic_filter in self._filters_of.pop(session.client_id, set()):
+        for topic_filter in self._by_client.pop(session.client_id, set()):
             self._del_subscription(topic_filter, session)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # Only a session that holds the filter gets its retained messages: amqtt 0.12
+        # checked no ACL here, so any user would have got everyone's retained presence.
+        topic_filter, qos = subscription
+        if topic_filter not in self._by_client.get(session.client_id, ()):
+            return
+        handler = self._get_handler(session)
+        retained = self._retained_for(topic_filter)
+        if handler is not None and retained:
+            await asyncio.gather(
+                *(handler.mqtt_publish(r.topic, r.data, min(qos, r.qos or qos), retain=True) for r in retained),
+                return_exceptions=True,
+            )
+
+    def _retained_for(self, topic_filter: str) -> list[Any]:
+        # amqtt scanned every retained message (one presence per user) on every SUBSCRIBE.
+        if not has_wildcard(topic_filter):
+            found = self._retained_messages.get(topic_filter)
+            return [] if found is None else [found]
+        return [r for topic, r in self._retained_messages.items() if matches(topic, topic_filter)]
 
     # ----------------------------------------------------------- delivery
 
@@ -275,14 +431,29 @@ class ChatBroker(Broker):
         if existing is None or existing[0].transitions.state != "connected":
             return
         log.info("%s reconnected: closing its previous connection", client_id)
+        # Its disconnect must not take the device offline: it is reconnecting right now.
+        setattr(existing[0], REPLACED_ATTR, True)
         _, old_handler = existing
         await old_handler.handle_connection_closed()
         await old_handler.stop()
 
-    def bound_port(self, listener: str) -> int:
-        """The port a listener actually bound (useful with port 0)."""
-        instance = self._servers[listener].instance
-        sockets = list(instance.sockets)
+    async def close_device(self, device: DeviceAddress) -> bool:
+        """End the device's live connection now (its device was revoked)."""
+        existing = self._sessions.get(device.client_id)
+        if existing is None or existing[0].transitions.state != "connected":
+            return False
+        log.info("%s was revoked: closing its connection", device.client_id)
+        _, handler = existing
+        await handler.handle_connection_closed()
+        await handler.stop()
+        return True
+
+    def bound_port(self, listener: str) -> int | None:
+        """The port one of our listeners (``LISTENERS``) actually bound; None if it is off."""
+        amqtt_name = self._names.get(listener)
+        if amqtt_name is None or amqtt_name not in self._servers:
+            return None
+        sockets = list(self._servers[amqtt_name].instance.sockets)
         return int(sockets[0].getsockname()[1])
 
 
@@ -311,3 +482,15 @@ async def _connack(handler: BrokerProtocolHandler, authorize: bool) -> None:
     assert session is not None
     code = 0 if authorize else (getattr(session, REFUSAL_ATTR, None) or NOT_AUTHORIZED)
     await handler._send_packet(ConnackPacket.build(session.parent, code))
+
+
+def _filters_of(session: Session) -> set[str]:
+    """The topic filters a session holds, kept on the session (a resumed session keeps them)."""
+    held: set[str] | None = getattr(session, _FILTERS_ATTR, None)
+    if held is None:
+        held = set()
+        setattr(session, _FILTERS_ATTR, held)
+    return held
+
+
+_FILTERS_ATTR = "mqchat_filters"

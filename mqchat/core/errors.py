@@ -20,6 +20,7 @@
     ├── Conflict                   conflict
     │   ├── UserExists             user_exists
     │   └── GroupFull              group_full
+    ├── RateLimited                rate_limited      (carries retry_after, seconds)
     ├── ServerBusy                 server_busy
     └── StorageUnavailable         storage_unavailable
 
@@ -31,6 +32,8 @@ into these at their boundary; exactly one place maps them to an HTTP response
 """
 
 from __future__ import annotations
+
+import math
 
 
 class ChatError(Exception):
@@ -122,6 +125,18 @@ class GroupFull(Conflict):
     code = "group_full"
 
 
+class RateLimited(ChatError):
+    """Too many requests from this client; ``retry_after`` says when one will pass again."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: float, ref: str | None = None) -> None:
+        super().__init__(message, ref=ref)
+        # Rounded up to the millisecond so that waiting exactly this long is always enough.
+        self.retry_after = math.ceil(max(retry_after, 0.001) * 1000) / 1000
+
+
 class ServerBusy(ChatError):
     """The server refused work to protect itself; the client should retry."""
 
@@ -155,6 +170,7 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     Conflict,
     UserExists,
     GroupFull,
+    RateLimited,
     ServerBusy,
     StorageUnavailable,
 )

@@ -18,6 +18,7 @@ from mqchat.core.errors import (
     InvalidCommand,
     InvalidJson,
     PayloadTooLarge,
+    RateLimited,
     UnknownCommand,
 )
 from mqchat.core.ids import ID_PATTERN
@@ -30,7 +31,7 @@ SYNC_DEFAULT_LIMIT = 100
 SYNC_MAX_LIMIT = 500
 
 
-def _storable(text: str) -> str:
+def storable(text: str) -> str:
     # PostgreSQL text cannot hold NUL, and a lone surrogate (legal as a JSON escape)
     # cannot be encoded as UTF-8: refuse both here, not in the database.
     if "\x00" in text:
@@ -43,8 +44,8 @@ def _storable(text: str) -> str:
 
 
 UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
-ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLIENT_MSG_ID), AfterValidator(_storable)]
-Content = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(_storable)]
+ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLIENT_MSG_ID), AfterValidator(storable)]
+Content = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(storable)]
 MsgType = Literal["text", "image", "video", "file"]
 Seq = Annotated[int, Field(ge=0, le=2**62)]
 
@@ -281,6 +282,8 @@ class ErrorEvent(_Envelope):
     code: str
     message: str
     ref: str | None = None
+    retry_after: float | None = None
+    """Seconds to wait before retrying; only with ``rate_limited`` (absent otherwise)."""
 
 
 class TypingEvent(_Envelope):
@@ -328,6 +331,9 @@ _OMIT_NONE = (NewMessage, SyncResponse, TypingEvent)
 
 
 def encode_event(event: Event | Presence) -> bytes:
+    if isinstance(event, ErrorEvent) and event.retry_after is None:
+        # ``ref`` stays (null when unknown) as it always has; ``retry_after`` only when it means something.
+        return event.model_dump_json(exclude={"retry_after"}).encode()
     return event.model_dump_json(exclude_none=isinstance(event, _OMIT_NONE)).encode()
 
 
@@ -344,4 +350,5 @@ def decode_event(payload: bytes | str) -> Event:
 
 def error_event(error: ChatError) -> ErrorEvent:
     """The one mapping from a ``ChatError`` to the MQTT ``error`` event."""
-    return ErrorEvent(code=error.code, message=error.message, ref=error.ref)
+    retry_after = error.retry_after if isinstance(error, RateLimited) else None
+    return ErrorEvent(code=error.code, message=error.message, ref=error.ref, retry_after=retry_after)
