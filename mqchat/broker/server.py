@@ -420,6 +420,17 @@ class ChatBroker(Broker):
                         asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
                     )
 
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        # amqtt answers a PUBLISH to an empty, wildcard or "$" topic (protocol violations)
+        # by leaving its command loop without closing anything: the reader kept PUBACKing
+        # commands that nobody processed. Close the connection properly instead, and let
+        # the loop run on to see the disconnect and clean up the session.
+        if not await super()._handle_message_delivery(client_session, handler, wait_deliver):
+            await handler.handle_connection_closed()
+        return True
+
     async def _take_over(self, client_id: str) -> None:
         """Close the live connection that uses this client id (MQTT 3.1.1, 3.1.4).
 
