@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import getpass
 import logging
 import signal
@@ -20,7 +19,7 @@ from mqchat.bench import command as bench_command
 from mqchat.bridge.services import build_services
 from mqchat.config import Settings
 from mqchat.core.errors import ChatError
-from mqchat.runner import PortInUse, run_server
+from mqchat.runner import PortInUse, RunningServer, run_server
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(token)
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
+    token.add_argument("--device", help="scope the token to this device id (default: any device of the user)")
     bench_command.add_parser(commands)
     return parser
 
@@ -96,16 +96,8 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with run_server(settings) as server:
-        # Everything built at start-up lives until shutdown: move it out of the
-        # collector's generations so full collections (the broker's latency tails
-        # with thousands of connections) do not walk it again and again.
-        gc.collect()
-        gc.freeze()
-        where = settings.mqtt.host
         print(
-            f"mqchat {__version__}: MQTT on {where}:{server.mqtt_port}, MQTT-over-WebSocket on "
-            f"{where}:{server.ws_port}/mqtt, HTTP on {settings.http.host}:{server.http_port} "
-            f"(data in {settings.data_dir}). Ctrl-C stops.",
+            f"mqchat {__version__}: {_listening(settings, server)} (data in {settings.data_dir}). Ctrl-C stops.",
             flush=True,
         )
         await stop.wait()
@@ -126,16 +118,29 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
     return factory
 
 
+def _listening(settings: Settings, server: RunningServer) -> str:
+    mqtt, http = settings.mqtt.host, settings.http.host
+    listeners = [
+        ("MQTT", mqtt, server.mqtt_port, ""),
+        ("MQTT-over-WebSocket", mqtt, server.ws_port, "/mqtt"),
+        ("HTTP", http, server.http_port, ""),
+        ("MQTT over TLS", mqtt, server.mqtts_port, ""),
+        ("MQTT-over-WebSocket over TLS", mqtt, server.wss_port, "/mqtt"),
+        ("HTTPS", http, server.https_port, ""),
+    ]
+    return ", ".join(f"{what} on {host}:{port}{path}" for what, host, port, path in listeners if port is not None)
+
+
 async def _add_user(settings: Settings, user_id: str, password: str) -> None:
     async with build_services(settings) as services:
         await services.accounts.register(user_id, password)
 
 
-async def _token(settings: Settings, user_id: str, ttl: int | None) -> str:
+async def _token(settings: Settings, user_id: str, ttl: int | None, device_id: str | None = None) -> str:
     async with build_services(settings) as services:
         if await services.store.get_password_hash(user_id) is None:
             raise ChatError(f"no such user {user_id!r}")
-        return services.tokens.issue(user_id, ttl)
+        return services.tokens.issue(user_id, ttl, device_id=device_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_add_user(settings, args.user_id, password))
             print(f"created user {args.user_id}")
         elif args.command == "token":
-            print(asyncio.run(_token(settings, args.user_id, args.ttl)))
+            print(asyncio.run(_token(settings, args.user_id, args.ttl, args.device)))
     except (PortInUse, ConfigError) as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
