@@ -15,9 +15,10 @@ from pydantic import ValidationError
 
 from mqchat import __version__
 from mqchat.bridge.services import build_services
+from mqchat.clients.terminal import add_chat_arguments, run_chat
 from mqchat.config import Settings
 from mqchat.core.errors import ChatError
-from mqchat.runner import PortInUse, run_server
+from mqchat.runner import PortInUse, RunningServer, run_server
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     _common(token)
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
+    token.add_argument("--device", help="scope the token to this device id (default: any device of the user)")
+
+    chat = commands.add_parser("chat", help="chat in the terminal, as a client of a running server")
+    add_chat_arguments(chat)
     return parser
 
 
@@ -92,15 +97,25 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with run_server(settings) as server:
-        where = settings.mqtt.host
         print(
-            f"mqchat {__version__}: MQTT on {where}:{server.mqtt_port}, MQTT-over-WebSocket on "
-            f"{where}:{server.ws_port}/mqtt, HTTP on {settings.http.host}:{server.http_port} "
-            f"(data in {settings.data_dir}). Ctrl-C stops.",
+            f"mqchat {__version__}: {_listening(settings, server)} (data in {settings.data_dir}). Ctrl-C stops.",
             flush=True,
         )
         await stop.wait()
         print("shutting down...", flush=True)
+
+
+def _listening(settings: Settings, server: RunningServer) -> str:
+    mqtt, http = settings.mqtt.host, settings.http.host
+    listeners = [
+        ("MQTT", mqtt, server.mqtt_port, ""),
+        ("MQTT-over-WebSocket", mqtt, server.ws_port, "/mqtt"),
+        ("HTTP", http, server.http_port, ""),
+        ("MQTT over TLS", mqtt, server.mqtts_port, ""),
+        ("MQTT-over-WebSocket over TLS", mqtt, server.wss_port, "/mqtt"),
+        ("HTTPS", http, server.https_port, ""),
+    ]
+    return ", ".join(f"{what} on {host}:{port}{path}" for what, host, port, path in listeners if port is not None)
 
 
 async def _add_user(settings: Settings, user_id: str, password: str) -> None:
@@ -108,15 +123,17 @@ async def _add_user(settings: Settings, user_id: str, password: str) -> None:
         await services.accounts.register(user_id, password)
 
 
-async def _token(settings: Settings, user_id: str, ttl: int | None) -> str:
+async def _token(settings: Settings, user_id: str, ttl: int | None, device_id: str | None = None) -> str:
     async with build_services(settings) as services:
         if await services.store.get_password_hash(user_id) is None:
             raise ChatError(f"no such user {user_id!r}")
-        return services.tokens.issue(user_id, ttl)
+        return services.tokens.issue(user_id, ttl, device_id=device_id)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "chat":  # a client: no server settings
+        return run_chat(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -134,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_add_user(settings, args.user_id, password))
             print(f"created user {args.user_id}")
         elif args.command == "token":
-            print(asyncio.run(_token(settings, args.user_id, args.ttl)))
+            print(asyncio.run(_token(settings, args.user_id, args.ttl, args.device)))
     except PortInUse as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
