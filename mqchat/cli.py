@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from mqchat import __version__
 from mqchat.bench import command as bench_command
 from mqchat.bridge.services import build_services
+from mqchat.clients.terminal import add_chat_arguments, run_chat
 from mqchat.config import Settings
 from mqchat.core.errors import ChatError
 from mqchat.runner import PortInUse, RunningServer, run_server
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
     token.add_argument("--device", help="scope the token to this device id (default: any device of the user)")
     bench_command.add_parser(commands)
+
+    chat = commands.add_parser("chat", help="chat in the terminal, as a client of a running server")
+    add_chat_arguments(chat)
     return parser
 
 
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
         return bench_command.main(args, sys.argv[2:] if argv is None else argv[1:])
+    if args.command == "chat":  # a client: no server settings
+        return run_chat(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:

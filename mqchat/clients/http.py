@@ -1,0 +1,127 @@
+"""The few HTTP API calls the SDK needs, over ``urllib`` in a worker thread (no extra dependency)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from mqchat.clients.errors import ApiUnavailable, chat_error
+from mqchat.core.errors import ChatError
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A stored message as history and conversation summaries show it."""
+
+    server_msg_id: int
+    client_msg_id: str
+    from_user: str
+    to_user: str | None
+    group_id: str | None
+    content: str | None
+    """None for a recalled message."""
+    msg_type: str
+    created_at: str
+    recalled_at: str | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Message:
+        return cls(
+            server_msg_id=int(data["server_msg_id"]),
+            client_msg_id=str(data["client_msg_id"]),
+            from_user=str(data["from_user"]),
+            to_user=data.get("to_user"),
+            group_id=data.get("group_id"),
+            content=data.get("content"),
+            msg_type=str(data["msg_type"]),
+            created_at=str(data["created_at"]),
+            recalled_at=data.get("recalled_at"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    conversation_id: str
+    """``user:{peer}`` or ``group:{group_id}``."""
+    name: str | None
+    unread_count: int
+    last_message: Message | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Conversation:
+        last = data.get("last_message")
+        return cls(
+            conversation_id=str(data["conversation_id"]),
+            name=data.get("name"),
+            unread_count=int(data["unread_count"]),
+            last_message=Message.from_json(last) if last else None,
+        )
+
+
+class HttpApi:
+    """``base_url`` like ``http://127.0.0.1:8080``; ``ssl_context`` is used for ``https``."""
+
+    def __init__(self, base_url: str, *, ssl_context: ssl.SSLContext | None = None, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._ssl = ssl_context
+        self._timeout = timeout
+
+    async def register(self, user_id: str, password: str) -> None:
+        await self.request("POST", "/v1/users", body={"user_id": user_id, "password": password})
+
+    async def login(self, user_id: str, password: str, *, device_id: str | None = None) -> str:
+        """An access token for the user (``POST /v1/token``); with ``device_id``, one that only
+        that device may use (a server that predates device scopes ignores the field)."""
+        body = {"user_id": user_id, "password": password} | ({"device_id": device_id} if device_id else {})
+        answer = await self.request("POST", "/v1/token", body=body)
+        return str(answer["access_token"])
+
+    async def conversations(self, token: str, limit: int = 100) -> list[Conversation]:
+        answer = await self.request("GET", f"/v1/conversations?limit={limit}", token=token)
+        return [Conversation.from_json(item) for item in answer["conversations"]]
+
+    async def history(
+        self, token: str, conversation_id: str, *, limit: int = 50, before_id: int | None = None
+    ) -> list[Message]:
+        """A page of a conversation, newest first."""
+        query = {"limit": str(limit)} | ({"before_id": str(before_id)} if before_id is not None else {})
+        path = f"/v1/conversations/{urllib.parse.quote(conversation_id)}/messages?{urllib.parse.urlencode(query)}"
+        answer = await self.request("GET", path, token=token)
+        return [Message.from_json(item) for item in answer["messages"]]
+
+    async def request(self, method: str, path: str, *, body: Any = None, token: str | None = None) -> Any:
+        """The decoded JSON answer. Raises the server's typed ``ChatError`` for an error answer
+        and ``ApiUnavailable`` when the server cannot be reached."""
+        return await asyncio.to_thread(self._request, method, path, body, token)
+
+    def _request(self, method: str, path: str, body: Any, token: str | None) -> Any:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout, context=self._ssl) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise _error_from(exc) from None
+        except (urllib.error.URLError, OSError) as exc:  # refused, reset, DNS, timeout
+            raise ApiUnavailable(f"{method} {self.base_url}{path}: {exc}") from exc
+        return json.loads(raw) if raw else None
+
+
+def _error_from(exc: urllib.error.HTTPError) -> ChatError:
+    try:
+        error = json.loads(exc.read())["error"]
+        return chat_error(str(error["code"]), str(error["message"]))
+    except (ValueError, KeyError, TypeError, OSError):
+        return chat_error("internal_error" if exc.code >= 500 else "invalid_command", f"HTTP {exc.code}: {exc.reason}")
