@@ -368,3 +368,17 @@ async def test_a_group_chat_between_two_browsers(server: RunningServer, pages: A
     await bob.send("I do")
     await expect(alice.message("I do")).to_have_count(1)
     await expect(bob.message("I do")).to_have_attribute("data-status", "read")
+
+
+async def test_a_second_tab_of_the_same_browser_stays_idle(server: RunningServer, pages: Any) -> None:
+    """Two tabs would share the device id, and each connection would take the other's over."""
+    await register(server, "alice")
+    alice = await pages()
+    await alice.login("alice")
+    second = ChatPage(alice.context, await alice.context.new_page(), alice.base_url)
+    await second.page.goto(alice.base_url)
+    await expect(second.testid("error")).to_contain_text("already open in another tab")
+    await expect(second.connection).to_have_text("offline")
+    assert alice.connects == 1
+    await expect(alice.connection).to_have_text("online")
+    assert second.console_errors == []
