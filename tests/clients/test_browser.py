@@ -157,6 +157,7 @@ class ChatPage:
         await self.testid("login-password").fill(password)
         await self.testid("login-submit").click()
         await expect(self.connection).to_have_text("online")
+        await expect(self.testid("login-form")).to_be_hidden()
 
     def conversation(self, conversation_id: str) -> Locator:
         return self.page.locator(f'[data-testid="conversation-item"][data-conversation-id="{conversation_id}"]')

@@ -241,6 +241,8 @@ function onConnect(client) {
 async function onConnectError(error) {
   // CONNACK 5 is a bad token, but also "too many connections": only a 401 from the API is final.
   if (error.code === 5) {
+    if (Date.now() - (state.lastRefusal ?? 0) < 60000) return; // once a minute is enough
+    state.lastRefusal = Date.now();
     try {
       await refreshToken();
     } catch (e) {
