@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test check fmt
+.PHONY: install serve test check fmt web
 
 $(BIN)/mqchat: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,3 +25,7 @@ check: install
 fmt: install
 	$(BIN)/ruff format mqchat tests
 	$(BIN)/ruff check --fix mqchat tests
+
+# Re-vendor MQTT.js for the browser page (needs npm; the output is committed). docs/clients.md.
+web:
+	scripts/build-web.sh

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from mqchat.api.app import create_app
+from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.services import Services, build_services
 from mqchat.broker.server import ChatBroker, broker_config, listener_names
 from mqchat.config import Settings
@@ -92,10 +93,12 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 @asynccontextmanager
-async def _serve_http(services: Services, sock: socket.socket, *, tls: bool) -> AsyncIterator[None]:
+async def _serve_http(
+    services: Services, sock: socket.socket, *, tls: bool, client_config: ClientConfig
+) -> AsyncIterator[None]:
     settings = services.settings
     config = uvicorn.Config(
-        create_app(services),
+        create_app(services, client_config),
         log_level="warning",
         lifespan="off",
         access_log=False,  # an access log would record query strings and client addresses at INFO
@@ -127,9 +130,13 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             await broker.start()
             services.chat.attach_sessions(broker)
             try:
+                # The browser page learns the bound ports (they differ from the settings with port 0).
+                client_config = ClientConfig(ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss"))
                 async with contextlib.AsyncExitStack() as stack:
                     for name, sock in http_socks.items():
-                        await stack.enter_async_context(_serve_http(services, sock, tls=name == "https"))
+                        await stack.enter_async_context(
+                            _serve_http(services, sock, tls=name == "https", client_config=client_config)
+                        )
                     yield _running(services, broker, http_socks)
             finally:
                 services.chat.attach_sessions(None)

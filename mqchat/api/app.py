@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 
 from mqchat import __version__
 from mqchat.api.errors import install_error_handlers
 from mqchat.api.limits import BodySizeLimit
 from mqchat.api.schemas import (
+    ClientConfig,
     ConversationList,
     ConversationPublic,
     Credentials,
@@ -37,6 +41,8 @@ from mqchat.core.ids import DeviceAddress, is_valid_id
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
 HISTORY_MAX_LIMIT = 200
+STATIC_DIR = Path(__file__).parent / "static"
+"""The browser page: index.html, app.js, app.css and the vendored MQTT.js (docs/clients.md)."""
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/token")
 
 
@@ -77,7 +83,8 @@ def _checked_conversation(conversation_id: str) -> str:
     return conversation_id
 
 
-def create_app(services: Services) -> FastAPI:
+def create_app(services: Services, client_config: ClientConfig | None = None) -> FastAPI:
+    """``client_config``: the WebSocket ports the broker really bound (default: the configured ones)."""
     app = FastAPI(
         title="mqchat",
         version=__version__,
@@ -86,6 +93,19 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=services.settings.limits.http_max_body_bytes)
+
+    web_config = client_config or ClientConfig.of(services.settings)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/v1/client-config", tags=["ops"])
+    async def client_config_route() -> ClientConfig:
+        """Where the browser page finds the broker: MQTT over WebSocket on this host."""
+        return web_config
 
     @app.get("/healthz", tags=["ops"])
     async def healthz(services: ServicesDep) -> Health:

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from mqchat.bridge.auth import MAX_PASSWORD, MIN_PASSWORD
 from mqchat.bridge.store import ConversationSummary, GroupInfo, Receipt, StoredMessage
+from mqchat.config import Settings
 from mqchat.core.ids import ID_PATTERN
 from mqchat.core.protocol import ClientMsgId, Content, MsgType, SendGroupMessage, SendMessage, format_time, storable
 
@@ -183,3 +184,24 @@ class HistoryPage(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     database: Literal["ok"] = "ok"
+
+
+class ClientConfig(BaseModel):
+    """What a browser needs to reach the broker: MQTT over WebSocket on the host it loaded the
+    page from. A port is null when that listener does not run."""
+
+    ws_port: int | None
+    """Plain MQTT over WebSocket (``ws://``)."""
+    wss_port: int | None
+    """MQTT over secure WebSocket (``wss://``), with TLS configured."""
+    ws_path: str = "/mqtt"
+    """The path to connect to (the broker accepts any; this is the convention)."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> ClientConfig:
+        """The configured ports (the runner passes the bound ones instead, which differ for port 0)."""
+        tls = settings.tls
+        return cls(
+            ws_port=settings.mqtt.ws_port if tls.plain_listeners else None,
+            wss_port=tls.wss_port if tls.enabled else None,
+        )

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Vendors the browser's MQTT client (MQTT.js, pinned in web/package-lock.json) into the package.
+# The output is committed, so installing mqchat needs no npm; run this only to change the version:
+#   edit web/package.json, `cd web && npm install --package-lock-only`, then scripts/build-web.sh
+set -euo pipefail
+cd "$(dirname "$0")/../web"
+
+npm ci --no-audit --no-fund --ignore-scripts
+
+vendor=../mqchat/api/static/vendor
+mkdir -p "$vendor"
+cp node_modules/mqtt/dist/mqtt.min.js "$vendor/mqtt.min.js"
+cp node_modules/mqtt/LICENSE.md "$vendor/MQTT.js-LICENSE.md"
+node notices.js > "$vendor/THIRD-PARTY-NOTICES.txt"
+version=$(node -p 'require("./node_modules/mqtt/package.json").version')
+echo "$version" > "$vendor/MQTT.js-VERSION"
+echo "vendored MQTT.js $version into mqchat/api/static/vendor/"

@@ -1,0 +1,385 @@
+"""The browser page (``mqchat/api/static``) in real headless Chromium, against a real server.
+
+Debian's ``chromium`` driven by Playwright (``executable_path``: Playwright's own browser
+download is not used; ``MQCHAT_TEST_CHROMIUM`` names another binary). Without Playwright or
+Chromium these tests skip, unless ``MQCHAT_REQUIRE_SERVICES=1`` (CI), where they fail. SQLite
+only: the page does not care which store the server uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mqchat.core.protocol import MessageRead, NewMessage
+from mqchat.runner import RunningServer
+from tests.clients.support import event_log, make_client, started
+from tests.conftest import _service_missing
+from tests.helpers import PASSWORD, http_client, register
+
+try:
+    from playwright.async_api import (
+        Browser,
+        BrowserContext,
+        Locator,
+        Page,
+        WebSocketRoute,
+        async_playwright,
+        expect,
+    )
+except ImportError:  # reported by the ``browser`` fixture
+    HAVE_PLAYWRIGHT = False
+else:
+    HAVE_PLAYWRIGHT = True
+    expect.set_options(timeout=20_000)  # generous: the machine is shared; nothing here measures speed
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("MQCHAT_TEST_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 20_000
+"""For page actions, as for ``expect`` above."""
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'mqchat.db'}"
+
+
+@pytest.fixture
+def chromium_path() -> Path:
+    if not HAVE_PLAYWRIGHT:
+        _service_missing("the playwright package is not installed (pip install -e '.[test]')")
+    if not CHROMIUM.exists():
+        _service_missing(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium_path: Path) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=str(chromium_path), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+class Network:
+    """The WebSockets of one browser context, through Playwright, so a test can cut them.
+
+    ``context.set_offline(True)`` fails new requests but leaves an open WebSocket connected in
+    Chromium, so it cannot take a page off the broker; closing the routed socket does (the page
+    sees the connection drop), and refusing new ones keeps it off until ``restore()``.
+    """
+
+    def __init__(self) -> None:
+        self.up = True
+        self.sockets: list[tuple[WebSocketRoute, WebSocketRoute]] = []
+
+    async def route(self, socket: WebSocketRoute) -> None:
+        if not self.up:
+            await socket.close(code=1001, reason="offline")
+            return
+        self.sockets.append((socket, socket.connect_to_server()))
+
+    async def cut(self, context: BrowserContext) -> None:
+        self.up = False
+        await context.set_offline(True)  # and HTTP fails too
+        for page_side, server_side in self.sockets:
+            await server_side.close()
+            await page_side.close(code=1001, reason="offline")
+        self.sockets.clear()
+
+    async def restore(self, context: BrowserContext) -> None:
+        self.up = True
+        await context.set_offline(False)
+
+
+class ChatPage:
+    """One user's browser: its own context (own localStorage, so its own device id)."""
+
+    def __init__(self, context: BrowserContext, page: Page, base_url: str) -> None:
+        self.context = context
+        self.page = page
+        self.base_url = base_url
+        self.console_errors: list[str] = []
+        self.connects = 0
+        """MQTT connections the page made (app.js logs each one)."""
+        page.on("console", lambda message: self._console(message.type, message.text))
+        page.on("pageerror", lambda error: self.console_errors.append(str(error)))
+
+    def _console(self, kind: str, text: str) -> None:
+        if kind == "error":
+            self.console_errors.append(text)
+        elif text == "mqtt: connected":
+            self.connects += 1
+
+    network: Network | None = None
+
+    @classmethod
+    async def open(cls, browser: Browser, server: RunningServer, *, cuttable: bool = False) -> ChatPage:
+        context = await browser.new_context()
+        context.set_default_timeout(WAIT_MS)
+        network = None
+        if cuttable:
+            network = Network()
+            await context.route_web_socket(re.compile(r"^ws://"), network.route)
+        base_url = f"http://127.0.0.1:{server.http_port}/"
+        chat = cls(context, await context.new_page(), base_url)
+        chat.network = network
+        await chat.page.goto(base_url)
+        return chat
+
+    def testid(self, name: str) -> Locator:
+        return self.page.get_by_test_id(name)
+
+    @property
+    def connection(self) -> Locator:
+        return self.testid("connection")
+
+    async def login(self, user: str, password: str = PASSWORD) -> None:
+        await self.testid("login-user").fill(user)
+        await self.testid("login-password").fill(password)
+        await self.testid("login-submit").click()
+        await expect(self.connection).to_have_text("online")
+        await expect(self.testid("login-form")).to_be_hidden()
+
+    def conversation(self, conversation_id: str) -> Locator:
+        return self.page.locator(f'[data-testid="conversation-item"][data-conversation-id="{conversation_id}"]')
+
+    def unread(self, conversation_id: str) -> Locator:
+        return self.conversation(conversation_id).get_by_test_id("unread")
+
+    async def open_conversation(self, conversation_id: str) -> None:
+        await self.conversation(conversation_id).click()
+        await expect(self.testid("conversation")).to_have_attribute("data-conversation-id", conversation_id)
+
+    async def chat_with(self, peer: str) -> None:
+        await self.testid("new-chat-user").fill(peer)
+        await self.testid("new-chat-submit").click()
+        await expect(self.testid("conversation")).to_have_attribute("data-conversation-id", f"user:{peer}")
+
+    async def send(self, text: str) -> None:
+        await self.testid("composer-input").fill(text)
+        await self.testid("composer-input").press("Enter")
+
+    @property
+    def messages(self) -> Locator:
+        return self.testid("messages").get_by_test_id("message")
+
+    def message(self, text: str) -> Locator:
+        return self.messages.filter(has=self.page.get_by_test_id("message-text").get_by_text(text, exact=True))
+
+    async def texts(self) -> list[str]:
+        return await self.testid("messages").get_by_test_id("message-text").all_inner_texts()
+
+    async def go_offline(self) -> None:
+        assert self.network is not None, "open the page with cuttable=True"
+        await self.network.cut(self.context)
+
+    async def go_online(self) -> None:
+        assert self.network is not None
+        await self.network.restore(self.context)
+
+    async def close(self) -> None:
+        await self.context.close()
+
+
+@pytest.fixture
+async def pages(browser: Browser, server: RunningServer) -> AsyncIterator[Any]:
+    """``await pages()`` opens a new browser context on the page; all are closed at the end."""
+    opened: list[ChatPage] = []
+
+    async def open_page(*, cuttable: bool = False) -> ChatPage:
+        chat = await ChatPage.open(browser, server, cuttable=cuttable)
+        opened.append(chat)
+        return chat
+
+    yield open_page
+    for chat in opened:
+        await chat.close()
+        assert chat.console_errors == [], chat.console_errors
+
+
+async def test_the_page_and_the_vendored_mqtt_client_are_served(server: RunningServer, pages: Any) -> None:
+    async with http_client(server) as http:
+        index = await http.get("/")
+        assert index.status_code == 200
+        assert index.headers["content-type"].startswith("text/html")
+        assert (await http.get("/static/vendor/mqtt.min.js")).status_code == 200
+        assert (await http.get("/static/nope.js")).status_code == 404
+        assert "MIT" in (await http.get("/static/vendor/MQTT.js-LICENSE.md")).text
+        config = (await http.get("/v1/client-config")).json()
+    # The port the broker bound (the settings say 0), so the page can reach it.
+    assert config == {"ws_port": server.ws_port, "wss_port": None, "ws_path": "/mqtt"}
+
+    await register(server, "alice")
+    alice = await pages()
+    await expect(alice.testid("login-form")).to_be_visible()
+    assert await alice.page.evaluate("typeof mqtt.connect") == "function"
+    await alice.login("alice")
+    await expect(alice.testid("me")).to_contain_text("alice")
+
+
+async def test_a_wrong_password_is_shown_and_nothing_connects(server: RunningServer, pages: Any) -> None:
+    await register(server, "alice")
+    alice = await pages()
+    await alice.testid("login-user").fill("alice")
+    await alice.testid("login-password").fill("not-the-password")
+    await alice.testid("login-submit").click()
+    await expect(alice.testid("error")).to_contain_text("invalid_credentials")
+    await expect(alice.connection).to_have_text("offline")
+    alice.console_errors = [e for e in alice.console_errors if "401" not in e]  # the failed POST /v1/token
+
+
+async def test_two_browsers_chat_with_unread_counts_and_ticks(server: RunningServer, pages: Any) -> None:
+    await register(server, "alice")
+    await register(server, "bob")
+    alice = await pages()
+    await alice.login("alice")
+    await alice.chat_with("bob")
+    await alice.send("hello bob")
+    first = alice.message("hello bob")
+    # Stored, but no device of bob has it yet.
+    await expect(first).to_have_attribute("data-status", "sent")
+
+    bob = await pages()
+    await bob.login("bob")
+    # bob's page catches up and acks: delivered; the list shows it unread until he opens it.
+    await expect(first).to_have_attribute("data-status", "delivered")
+    await expect(bob.unread("user:alice")).to_have_text("1")
+    await expect(bob.conversation("user:alice")).to_contain_text("hello bob")
+
+    await bob.open_conversation("user:alice")
+    await expect(bob.message("hello bob")).to_have_count(1)
+    await expect(first).to_have_attribute("data-status", "read")
+    await expect(bob.unread("user:alice")).to_be_hidden()
+
+    # Both have the chat open: messages arrive live and are read at once.
+    await bob.send("hi alice")
+    await expect(alice.message("hi alice")).to_have_count(1)
+    await expect(bob.message("hi alice")).to_have_attribute("data-status", "read")
+    await alice.send("how are you?")
+    await expect(bob.message("how are you?")).to_have_count(1)
+    await expect(alice.message("how are you?")).to_have_attribute("data-status", "read")
+    assert await bob.texts() == ["hello bob", "hi alice", "how are you?"]
+    assert await alice.texts() == ["hello bob", "hi alice", "how are you?"]
+
+
+async def test_a_browser_and_a_python_sdk_client_chat_both_ways(
+    server: RunningServer, pages: Any, tmp_path: Path
+) -> None:
+    await register(server, "alice")
+    carol_token = await register(server, "carol")
+    carol = make_client(
+        "carol", tmp_path / "carol.sqlite3", token=carol_token, mqtt_port=server.mqtt_port, http_port=server.http_port
+    )
+    alice = await pages()
+    await alice.login("alice")
+    async with started(carol), event_log(carol) as carol_events:
+        ack = await carol.send(to_user="alice", content="hello from python")
+        await expect(alice.unread("user:carol")).to_have_text("1")
+        await alice.open_conversation("user:carol")
+        await expect(alice.message("hello from python")).to_have_count(1)
+        read = await carol_events.next(MessageRead)
+        assert (read.read_by, read.message_id) == ("alice", ack.server_msg_id)
+
+        await alice.send("hello from the browser")
+        reply = await carol_events.next(NewMessage)
+        while reply.from_user != "alice":  # carol's own message, in her stream too
+            reply = await carol_events.next(NewMessage)
+        assert reply.content == "hello from the browser"
+        # carol's client acked it: delivered; then she reads it.
+        mine = alice.message("hello from the browser")
+        await expect(mine).to_have_attribute("data-status", "delivered")
+        await carol.mark_read(reply.server_msg_id)
+        await expect(mine).to_have_attribute("data-status", "read")
+
+
+async def test_an_offline_browser_catches_up_exactly_once_in_order(server: RunningServer, pages: Any) -> None:
+    await register(server, "alice")
+    await register(server, "bob")
+    alice, bob = await pages(), await pages(cuttable=True)
+    await alice.login("alice")
+    await bob.login("bob")
+    await alice.chat_with("bob")
+    await alice.send("before")
+    await expect(bob.unread("user:alice")).to_have_text("1")
+    await bob.open_conversation("user:alice")
+    await expect(bob.message("before")).to_have_count(1)
+
+    await bob.go_offline()
+    await expect(bob.connection).not_to_have_text("online")
+    sent = [f"while you were away {n}" for n in range(1, 6)]
+    for text in sent:
+        await alice.send(text)
+    for text in sent:
+        await expect(alice.message(text)).to_have_attribute("data-status", "sent")
+    await expect(bob.messages).to_have_count(1)
+
+    await bob.go_online()
+    await expect(bob.connection).to_have_text("online")
+    await expect(bob.messages).to_have_count(6)
+    assert bob.connects == 2  # the page really lost its connection and made a new one
+    assert await bob.texts() == ["before", *sent]
+    for text in sent:  # bob's page was open on the chat: they are read once they arrive
+        await expect(alice.message(text)).to_have_attribute("data-status", "read")
+
+    # A reload replays nothing twice: history and the stream merge by message id.
+    await bob.page.reload()
+    await expect(bob.connection).to_have_text("online")
+    await expect(bob.messages).to_have_count(6)
+    assert await bob.texts() == ["before", *sent]
+
+
+async def test_a_group_chat_between_two_browsers(server: RunningServer, pages: Any) -> None:
+    await register(server, "alice")
+    await register(server, "bob")
+    alice, bob = await pages(), await pages()
+    await alice.login("alice")
+    await bob.login("bob")
+    await alice.testid("new-group-name").fill("Weekend trip")
+    await alice.testid("new-group-members").fill("bob")
+    await alice.testid("new-group-submit").click()
+    await expect(alice.testid("conversation-title")).to_have_text("Weekend trip")
+    conversation_id = await alice.testid("conversation").get_attribute("data-conversation-id")
+    assert conversation_id is not None and re.fullmatch(r"group:g[0-9a-f]{16}", conversation_id)
+
+    await alice.send("who brings the tent?")
+    await expect(bob.unread(conversation_id)).to_have_text("1")
+    await expect(bob.conversation(conversation_id)).to_contain_text("Weekend trip")
+    await bob.open_conversation(conversation_id)
+    await expect(bob.message("who brings the tent?")).to_have_count(1)
+    await expect(alice.message("who brings the tent?")).to_have_attribute("data-status", "read")
+    await bob.send("I do")
+    await expect(alice.message("I do")).to_have_count(1)
+    await expect(bob.message("I do")).to_have_attribute("data-status", "read")
+
+
+async def test_a_second_tab_of_the_same_browser_stays_idle(server: RunningServer, pages: Any) -> None:
+    """Two tabs would share the device id, and each connection would take the other's over."""
+    await register(server, "alice")
+    alice = await pages()
+    await alice.login("alice")
+    second = ChatPage(alice.context, await alice.context.new_page(), alice.base_url)
+    await second.page.goto(alice.base_url)
+    await expect(second.testid("error")).to_contain_text("already open in another tab")
+    await expect(second.connection).to_have_text("offline")
+    assert alice.connects == 1
+    await expect(alice.connection).to_have_text("online")
+    assert second.console_errors == []
