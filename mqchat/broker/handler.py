@@ -291,5 +291,3 @@ def _ignore_outcome(task: asyncio.Future[Any]) -> None:
     # A delivery to a connection that closed meanwhile fails; the store has the message.
     if not task.cancelled():
         task.exception()
-
-
