@@ -24,10 +24,26 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, bindparam, case, event, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    Select,
+    Text,
+    and_,
+    bindparam,
+    case,
+    cast,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import ColumnElement
 
 from mqchat.bridge.store import (
     ConversationSummary,
@@ -341,24 +357,13 @@ class SqlStore:
     async def _find_existing(
         self, conn: AsyncConnection, requests: Sequence[SendRequest]
     ) -> dict[tuple[str, str], StoredMessage]:
-        by_sender: dict[str, set[str]] = {}
-        for r in requests:
-            by_sender.setdefault(r.sender, set()).add(r.client_msg_id)
-        senders = sorted(by_sender)
-        found: dict[tuple[str, str], StoredMessage] = {}
-        # One ``sender = ? AND client_msg_id IN (...)`` term per sender, OR-ed: both
-        # SQLite and PostgreSQL answer each term from the unique index. A row-value
-        # ``(sender, client_msg_id) IN (VALUES ...)`` made SQLite scan the whole table
-        # on every batch, so each commit got slower as messages accumulated.
-        # Chunked so that a large batch stays under the drivers' bound-parameter limits.
-        for start in range(0, len(senders), 200):
-            terms = [
-                and_(messages.c.sender == sender, messages.c.client_msg_id.in_(sorted(by_sender[sender])))
-                for sender in senders[start : start + 200]
-            ]
-            for row in await conn.execute(select(messages).where(or_(*terms))):
-                found[(row.sender, row.client_msg_id)] = _row_to_message(row)
-        return found
+        keys = sorted({(r.sender, r.client_msg_id) for r in requests})
+        if conn.dialect.name == "sqlite":
+            params: dict[str, Any] = {"keys": json.dumps(keys)}
+        else:
+            params = {"senders": [k[0] for k in keys], "ids": [k[1] for k in keys]}
+        rows = await conn.execute(_existing_query(conn.dialect.name), params)
+        return {(row.sender, row.client_msg_id): _row_to_message(row) for row in rows}
 
     # ------------------------------------------------------------- reads
 
@@ -890,6 +895,29 @@ def _render(row: Any) -> AnyStreamEvent:
     data.update(type=row.kind, seq=row.seq)
     event: AnyStreamEvent = STREAM_EVENTS[row.kind].model_validate(data)  # type: ignore[assignment]
     return event
+
+
+def _existing_query(dialect: str) -> Select[Any]:
+    """The stored messages among a batch's ``(sender, client_msg_id)`` keys.
+
+    One statement whatever the batch: the keys arrive as one parameter (a JSON array on
+    SQLite, two arrays on PostgreSQL) and are joined to the unique index, which both
+    engines search once per key. An OR of one term per sender cost more to build and
+    compile than the query took to run, and a row-value ``IN (VALUES ...)`` made SQLite
+    scan the whole table.
+    """
+    sender: ColumnElement[Any]
+    client_msg_id: ColumnElement[Any]
+    if dialect == "sqlite":
+        keys = func.json_each(bindparam("keys")).table_valued("value").alias("k")
+        sender, client_msg_id = keys.c.value.op("->>")(0), keys.c.value.op("->>")(1)
+    else:
+        senders = cast(bindparam("senders"), ARRAY(Text))
+        ids = cast(bindparam("ids"), ARRAY(Text))
+        keys = func.unnest(senders, ids).table_valued("sender", "client_msg_id").render_derived(name="k")
+        sender, client_msg_id = keys.c.sender, keys.c.client_msg_id
+    on = and_(messages.c.sender == sender, messages.c.client_msg_id == client_msg_id)
+    return select(messages).select_from(keys).join(messages, on)
 
 
 class _BatchWriter:
