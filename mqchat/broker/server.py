@@ -42,6 +42,7 @@ from mqchat.broker.plugins import (
     acl_decision,
     session_device,
 )
+from mqchat.broker.session import use_chat_sessions
 from mqchat.broker.topic_tree import TopicTree, has_wildcard, matches
 from mqchat.config import LimitsSettings, Settings
 from mqchat.core.ids import DeviceAddress
@@ -126,6 +127,7 @@ class ChatBroker(Broker):
         chat: ChatService | None = None,
     ) -> None:
         super().__init__(config)
+        use_chat_sessions()
         # Commands go to the chat service and its events come back without amqtt's
         # broadcast queue and plugin tasks (handler.py); None: amqtt's path only.
         self._chat = chat
