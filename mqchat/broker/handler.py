@@ -109,6 +109,7 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         self._watchdog: asyncio.TimerHandle | None = None
         self._listens_to_packets = False
         self._closing = False
+        self._outbox: list[bytes] = []
 
     # ------------------------------------------------------------- writing
 
@@ -127,9 +128,7 @@ class ChatProtocolHandler(BrokerProtocolHandler):
                 return
             packet_id = session.next_packet_id
             session.inflight_out[packet_id] = OutgoingApplicationMessage(packet_id, topic, qos, data, False)
-        writer.write(encode_publish(topic.encode(), data, qos, packet_id))
-        if writer.buffered() > self.max_buffered_bytes:
-            self._drop_slow_reader(f"{writer.buffered()} bytes unsent")
+        self._send(encode_publish(topic.encode(), data, qos, packet_id))
 
     def _spawn_publish(self, topic: str, data: bytes, qos: int) -> None:
         task = asyncio.ensure_future(self.mqtt_publish(topic, data, qos, retain=False))
@@ -143,10 +142,30 @@ class ChatProtocolHandler(BrokerProtocolHandler):
         task = asyncio.ensure_future(self.handle_connection_closed())
         task.add_done_callback(_ignore_outcome)
 
+    def _send(self, data: bytes) -> None:
+        """Queue bytes for this turn of the event loop; they go out in one write.
+
+        A group message is one PUBLISH to each member and a batch holds several: one
+        ``send`` per packet was the broker's largest single cost.
+        """
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(data)
+
+    def _flush(self) -> None:
+        writer = self.writer
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        if not isinstance(writer, StreamWriter) or self._closing:
+            return
+        writer.write(data)
+        if writer.buffered() > self.max_buffered_bytes:
+            self._drop_slow_reader(f"{writer.buffered()} bytes unsent")
+
     def _write_now(self, data: bytes) -> None:
         writer = self.writer
         if isinstance(writer, StreamWriter):
-            writer.write(data)
+            self._send(data)
         elif writer is not None:
             task = asyncio.ensure_future(self._locked_write(data))
             task.add_done_callback(_ignore_outcome)
