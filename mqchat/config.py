@@ -71,6 +71,11 @@ class LimitsSettings(_Section):
     """Topic filters one connection may hold; beyond it the SUBACK return code is 0x80."""
     http_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     """Largest HTTP request body; larger ones get 413 ``payload_too_large``."""
+    max_outgoing_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Bytes the broker may hold for one connection that does not read them; beyond it the
+    connection is closed (the device catches up from its cursor when it reconnects)."""
+    max_unacked_deliveries: int = Field(default=10_000, ge=10, le=60_000)
+    """QoS 1 deliveries to one connection waiting for their PUBACK; beyond it, as above."""
 
 
 class TlsSettings(_Section):

@@ -126,7 +126,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     http_socks = _http_sockets(settings)
     try:
         async with build_services(settings) as services:
-            broker = ChatBroker(broker_config(services), settings.limits, listener_names(settings))
+            broker = ChatBroker(broker_config(services), settings.limits, listener_names(settings), chat=services.chat)
             await broker.start()
             services.chat.attach_sessions(broker)
             try:

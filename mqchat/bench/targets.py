@@ -224,6 +224,9 @@ async def mqchat_target(opts: Options, count: int) -> AsyncIterator[Target]:
         if opts.database_url:
             args += ["--database-url", opts.database_url]
         env = dict(os.environ, MQCHAT_EVENT_LOOP="auto" if opts.uvloop else "asyncio")
+        # The bench measures capacity, not policy: a few devices sending thousands of
+        # messages a second would otherwise meet the per-device send rate limit.
+        env.update(MQCHAT_LIMITS__SEND_RATE_PER_SECOND="1000000", MQCHAT_LIMITS__SEND_BURST="1000000")
         proc = _spawn(args, opts.work_dir / "mqchat-server.log", env)
         try:
             await wait_port("127.0.0.1", port, proc)

@@ -302,13 +302,13 @@ class ChatService:
 
         Always at least one page, possibly empty, so the device learns ``latest_seq``.
         """
-        since = await self._store.get_cursor(device.user_id, device.device_id)
+        page = await self._store.read_from_cursor(device.user_id, device.device_id, self._settings.catch_up_page)
         while True:
-            response = await self.sync(device.user_id, since, self._settings.catch_up_page)
+            response = SyncResponse(events=page.events, latest_seq=page.latest_seq, has_more=page.has_more)
             await self.reply(device, response)
             if not response.has_more or not response.events:
                 return
-            since = response.events[-1].seq
+            page = await self._store.read_stream(device.user_id, response.events[-1].seq, self._settings.catch_up_page)
 
     async def ack(self, device: DeviceAddress, seq: int) -> None:
         _, receipts = await self._store.advance_cursor(device.user_id, device.device_id, seq)

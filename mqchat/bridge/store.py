@@ -118,6 +118,10 @@ class MessageStore(Protocol):
 
     async def read_stream(self, user_id: str, since_seq: int, limit: int) -> StreamPage: ...
 
+    async def read_from_cursor(self, user_id: str, device_id: str, limit: int) -> StreamPage:
+        """The first page after the device's cursor, read with the cursor in one transaction."""
+        ...
+
     async def latest_seq(self, user_id: str) -> int: ...
 
     async def advance_cursor(self, user_id: str, device_id: str, seq: int) -> tuple[int, Emitted]:

@@ -120,6 +120,22 @@ class PacketGuard(ReaderAdapter):
         del self._frame[:n]
         return out
 
+    async def next_packet(self) -> bytes:
+        """The next whole packet (fixed header included); b"" once the stream has ended or
+        the guard refused (and closed) it."""
+        if self._closed:
+            return b""
+        try:
+            packet = await self._next_packet()
+        except PacketRefused as exc:
+            await self.refuse(str(exc))
+            return b""
+        return b"" if self._closed else packet
+
+    def replay(self, packet: bytes) -> None:
+        """Serve ``packet`` to amqtt's parsers (``from_stream``) through ``read``."""
+        self._frame = bytearray(packet)
+
     def feed_eof(self) -> None:
         self._inner.feed_eof()
 
@@ -155,7 +171,8 @@ class PacketGuard(ReaderAdapter):
         while len(self._head) < 2 or self._head[-1] & 0x80:
             if len(self._head) > _MAX_LENGTH_BYTES:
                 raise PacketRefused("remaining length longer than 4 bytes")
-            byte = await self._read_exactly(1)
+            # Every packet has at least two header bytes: one read takes both.
+            byte = await self._read_exactly(1 if self._head else 2)
             if not byte:
                 return b""
             if not self._head and byte[0] >> 4 == CONNECT and self._connected:
@@ -240,6 +257,11 @@ class StreamWriter(StreamWriterAdapter):
     """
 
     is_closed: bool
+
+    def buffered(self) -> int:
+        """Bytes written but not yet sent: what a peer that stops reading piles up."""
+        transport = self._writer.transport
+        return 0 if transport is None else int(transport.get_write_buffer_size())
 
     async def close(self) -> None:
         if self.is_closed:

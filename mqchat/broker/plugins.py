@@ -101,19 +101,30 @@ class ChatAclPlugin(BaseTopicPlugin):
         device = session_device(session)
         if device is None or topic is None:
             return False
-        if action == Action.PUBLISH:
-            return topic == inbox_topic(device)
-        if may_subscribe(device, topic):
-            return True
+        decided = acl_decision(device, topic, action)
+        if decided is not None:
+            return decided
         chat = self._services.chat
         group_id = id_after(GROUP_PREFIX, topic)
         if group_id is not None:
             return await chat.groups.is_member(group_id, device.user_id)
         user_id = id_after(PRESENCE_PREFIX, topic)
-        if user_id is not None:
-            # Presence is vetted once, at SUBSCRIBE; a delivery on a vetted filter passes.
-            return action == Action.RECEIVE or await chat.store.are_contacts(device.user_id, user_id)
-        return False
+        return user_id is not None and await chat.store.are_contacts(device.user_id, user_id)
+
+
+def acl_decision(device: DeviceAddress, topic: str, action: Action | None) -> bool | None:
+    """The ACL's answer where it needs no lookup; None where it does (group membership,
+    contacts). The broker's delivery path uses it to skip amqtt's task per ACL call."""
+    if action == Action.PUBLISH:
+        return topic == inbox_topic(device)
+    if may_subscribe(device, topic):
+        return True
+    if id_after(GROUP_PREFIX, topic) is not None:
+        return None
+    if id_after(PRESENCE_PREFIX, topic) is not None:
+        # Presence is vetted once, at SUBSCRIBE; a delivery on a vetted filter passes.
+        return True if action == Action.RECEIVE else None
+    return False
 
 
 @dataclass
@@ -143,9 +154,6 @@ class ChatBridgePlugin(BasePlugin[BrokerContext]):
     @property
     def _chat(self) -> ChatService:
         return self._services.chat
-
-    async def on_broker_post_start(self) -> None:
-        self._chat.attach_publisher(_BrokerPublisher(self.context))
 
     async def on_broker_pre_shutdown(self) -> None:
         self._chat.attach_publisher(None)
@@ -235,14 +243,3 @@ class ChatBridgePlugin(BasePlugin[BrokerContext]):
 
 def client_session_of(context: BrokerContext, client_id: str) -> Session | None:
     return context.get_session(client_id)
-
-
-class _BrokerPublisher:
-    def __init__(self, context: BrokerContext) -> None:
-        self._context = context
-
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        if retain:
-            await self._context.retain_message(topic, payload, qos=1)
-        # qos=None: each subscriber gets the QoS it subscribed with.
-        await self._context.broadcast_message(topic, payload, qos=None)

@@ -30,12 +30,23 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from transitions import MachineError
 
+from mqchat.bridge.service import ChatService
 from mqchat.bridge.services import Services
 from mqchat.broker.guard import PacketGuard, StreamWriter, WebSocketReader
-from mqchat.broker.plugins import DEVICE_ATTR, NOT_AUTHORIZED, REFUSAL_ATTR, REPLACED_ATTR, session_device
+from mqchat.broker.handler import ChatProtocolHandler
+from mqchat.broker.plugins import (
+    DEVICE_ATTR,
+    NOT_AUTHORIZED,
+    REFUSAL_ATTR,
+    REPLACED_ATTR,
+    acl_decision,
+    session_device,
+)
+from mqchat.broker.session import use_chat_sessions
 from mqchat.broker.topic_tree import TopicTree, has_wildcard, matches
 from mqchat.config import LimitsSettings, Settings
 from mqchat.core.ids import DeviceAddress
+from mqchat.core.topics import inbox_topic
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +120,17 @@ class ChatBroker(Broker):
     subscription limits."""
 
     def __init__(
-        self, config: dict[str, Any], limits: LimitsSettings | None = None, names: dict[str, str] | None = None
+        self,
+        config: dict[str, Any],
+        limits: LimitsSettings | None = None,
+        names: dict[str, str] | None = None,
+        chat: ChatService | None = None,
     ) -> None:
         super().__init__(config)
+        use_chat_sessions()
+        # Commands go to the chat service and its events come back without amqtt's
+        # broadcast queue and plugin tasks (handler.py); None: amqtt's path only.
+        self._chat = chat
         self._subscriptions: dict[str, Subscribers] = _SubscriptionTable()
         self._tree: TopicTree[Subscribers] = TopicTree()
         # client id -> the filters it holds, so a disconnect touches only its own.
@@ -125,6 +144,13 @@ class ChatBroker(Broker):
         self._tree = TopicTree()
         self._by_client.clear()
         await super().start()
+        if self._chat is not None:
+            self._chat.attach_publisher(self)
+
+    async def shutdown(self) -> None:
+        if self._chat is not None:
+            self._chat.attach_publisher(None)
+        await super().shutdown()
 
     # ------------------------------------------------------------ transport
 
@@ -208,7 +234,7 @@ class ChatBroker(Broker):
 
     async def _read_connect(self, reader: Any, writer: Any) -> tuple[BrokerProtocolHandler, Session]:
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, session = await ChatProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except MQTTError:
             await writer.close()
             raise
@@ -277,6 +303,10 @@ class ChatBroker(Broker):
         handler.mqtt_connack_authorize = functools.partial(_connack, handler)
         if isinstance(reader, PacketGuard):
             reader.client_id = client_session.client_id or ""
+        if isinstance(handler, ChatProtocolHandler):
+            handler.inbox = self._accept_inbox if self._chat is not None else None
+            handler.max_buffered_bytes = self._limits.max_outgoing_buffer_bytes
+            handler.max_unacked = self._limits.max_unacked_deliveries
         try:
             await self._run_session(reader, writer, client_session, handler)
         finally:
@@ -407,7 +437,7 @@ class ChatBroker(Broker):
             # A copy: an ACL check may await, and a disconnect may edit the list meanwhile.
             for session, sub_qos in tuple(subscribers):
                 qos = broadcast.get("qos", sub_qos)
-                if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                if not await self._may_receive(session, topic):
                     continue
                 if session.transitions.state != "connected":
                     # MQTT 3.1.2.4: a persistent session keeps QoS 1/2 messages while offline.
@@ -415,10 +445,64 @@ class ChatBroker(Broker):
                         await self._retain_broadcast_message(broadcast, qos, session)
                     continue
                 handler = self._get_handler(session)
-                if handler is not None:
+                if isinstance(handler, ChatProtocolHandler):
+                    handler.deliver(topic, broadcast["data"], qos)
+                elif handler is not None:
                     running_tasks.append(
                         asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
                     )
+
+    async def _may_receive(self, session: Session, topic: str) -> bool:
+        device = session_device(session)
+        decided = None if device is None else acl_decision(device, topic, Action.RECEIVE)
+        if decided is not None:
+            return decided
+        return bool(await self._topic_filtering(session, topic=topic, action=Action.RECEIVE))
+
+    # ------------------------------------------------- the chat fast path
+
+    def _accept_inbox(self, session: Session, topic: str, data: bytes) -> bool:
+        """A device's command on its own inbox goes to the chat service in place (in the
+        order the device sent it); anything else takes amqtt's path."""
+        device = session_device(session)
+        if device is None or self._chat is None or topic != inbox_topic(device):
+            return False
+        self._chat.accept(device, data)
+        return True
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """The chat service's publisher: deliver now where the ACL needs no lookup."""
+        if retain:
+            await self.retain_message(None, topic, payload, QOS_1)
+        if not self._deliver_now(topic, payload):
+            await self.internal_message_broadcast(topic, payload, None)
+
+    def _deliver_now(self, topic: str, payload: bytes) -> bool:
+        """Each subscriber gets the PUBLISH at once, at the QoS it subscribed with; False
+        (nothing sent) when a subscriber needs an ACL lookup or holds an offline
+        persistent session: amqtt's broadcast path handles those."""
+        if not self._broadcast_queue.empty():
+            return False  # behind what is queued: keep the order
+        targets: list[tuple[ChatProtocolHandler, int]] = []
+        for subscribers in self._tree.match(topic):
+            for session, qos in subscribers:
+                device = session_device(session)
+                allowed = None if device is None else acl_decision(device, topic, Action.RECEIVE)
+                if allowed is None:
+                    return False
+                if not allowed:
+                    continue
+                handler = self._get_handler(session)
+                if session.transitions.state != "connected":
+                    if not session.clean_session and qos in (QOS_1, QOS_2):
+                        return False
+                    continue
+                if not isinstance(handler, ChatProtocolHandler):
+                    return False
+                targets.append((handler, qos))
+        for handler, qos in targets:
+            handler.deliver(topic, payload, qos)
+        return True
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]

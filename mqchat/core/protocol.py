@@ -7,6 +7,7 @@ version of this file and must stay in step with it.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -166,8 +167,12 @@ def _describe(exc: ValidationError) -> str:
 # ------------------------------------------------------------------ events
 
 
+@functools.lru_cache(maxsize=4096)
 def format_time(moment: datetime) -> str:
-    """UTC, ISO 8601 with milliseconds and a ``Z``, e.g. ``2026-01-15T10:30:00.123Z``."""
+    """UTC, ISO 8601 with milliseconds and a ``Z``, e.g. ``2026-01-15T10:30:00.123Z``.
+
+    Cached: a message is rendered once per recipient stream (500 times for a large group).
+    """
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
