@@ -16,6 +16,7 @@ the transaction starts over (``_Retry``), so locks are still taken in one sorted
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
@@ -186,6 +187,12 @@ _CURSOR = select(device_cursors.c.acked_seq).where(
     device_cursors.c.user_id == bindparam("uid"), device_cursors.c.device_id == bindparam("did")
 )
 _LAST_SEQ = select(users.c.last_seq).where(users.c.user_id == bindparam("uid"))
+_LOCK_HEADS = (
+    select(users.c.user_id, users.c.last_seq)
+    .where(users.c.user_id.in_(bindparam("ids", expanding=True)))
+    .order_by(users.c.user_id)
+    .with_for_update()
+)
 _STREAM_PAGE = (
     select(stream_events.c.seq, stream_events.c.kind, stream_events.c.payload, messages)
     .select_from(stream_events.outerjoin(messages, messages.c.id == stream_events.c.message_id))
@@ -321,13 +328,7 @@ class SqlStore:
         wanted = sorted(set(user_ids))
         if not wanted:
             return {}
-        query = (
-            select(users.c.user_id, users.c.last_seq)
-            .where(users.c.user_id.in_(wanted))
-            .order_by(users.c.user_id)
-            .with_for_update()
-        )
-        return {row.user_id: row.last_seq for row in await conn.execute(query)}
+        return {row.user_id: row.last_seq for row in await conn.execute(_LOCK_HEADS, {"ids": wanted})}
 
     # ------------------------------------------------------------- users
 
@@ -937,6 +938,7 @@ def _render(row: Any) -> AnyStreamEvent:
     return event
 
 
+@functools.cache
 def _existing_query(dialect: str) -> Select[Any]:
     """The stored messages among a batch's ``(sender, client_msg_id)`` keys.
 
