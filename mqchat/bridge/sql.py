@@ -16,10 +16,11 @@ the transaction starts over (``_Retry``), so locks are still taken in one sorted
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -41,10 +42,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ColumnElement
 
+from mqchat.bridge.sqlite_threads import SqliteThreads, sync_url
 from mqchat.bridge.store import (
     ConversationSummary,
     Emitted,
@@ -147,13 +150,13 @@ def create_engine(url: str) -> AsyncEngine:
     # content, password hashes) into the WARNING that _tx logs.
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine.sync_engine)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True)
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us issue BEGIN ourselves (below) instead of the driver's implicit one.
         dbapi_connection.isolation_level = None
@@ -167,7 +170,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # A write transaction reads, then writes: it must take the write lock up front,
         # or a concurrent commit makes it fail with SQLITE_BUSY_SNAPSHOT.
@@ -184,6 +187,12 @@ _CURSOR = select(device_cursors.c.acked_seq).where(
     device_cursors.c.user_id == bindparam("uid"), device_cursors.c.device_id == bindparam("did")
 )
 _LAST_SEQ = select(users.c.last_seq).where(users.c.user_id == bindparam("uid"))
+_LOCK_HEADS = (
+    select(users.c.user_id, users.c.last_seq)
+    .where(users.c.user_id.in_(bindparam("ids", expanding=True)))
+    .order_by(users.c.user_id)
+    .with_for_update()
+)
 _STREAM_PAGE = (
     select(stream_events.c.seq, stream_events.c.kind, stream_events.c.payload, messages)
     .select_from(stream_events.outerjoin(messages, messages.c.id == stream_events.c.message_id))
@@ -251,14 +260,24 @@ class _Streams:
         return tuple(self.emitted)
 
 
+def _unavailable(exc: SQLAlchemyError | OSError) -> StorageUnavailable:
+    """A driver failure, as the storage error callers get (logged unless a constraint refused)."""
+    if not isinstance(exc, IntegrityError):  # a constraint is an answer, not an outage
+        log.warning("storage failure: %s: %s", exc.__class__.__name__, exc)
+    return StorageUnavailable("the database is unavailable; nothing was stored")
+
+
 class SqlStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, threads: SqliteThreads | None = None) -> None:
         self._engine = engine
         self._dialect = engine.dialect.name
+        # SQLite file databases: the frequent transactions run whole on threads (sqlite_threads.py).
+        self._threads = threads
 
     @classmethod
     def from_url(cls, url: str) -> SqlStore:
-        return cls(create_engine(url))
+        direct = sync_url(url)
+        return cls(create_engine(url), None if direct is None else SqliteThreads(direct, _configure_sqlite))
 
     @property
     def engine(self) -> AsyncEngine:
@@ -276,15 +295,28 @@ class SqlStore:
         except (ChatError, _Retry):
             raise
         except (SQLAlchemyError, OSError) as exc:
-            if not isinstance(exc, IntegrityError):  # a constraint is an answer, not an outage
-                log.warning("storage failure: %s: %s", exc.__class__.__name__, exc)
-            raise StorageUnavailable("the database is unavailable; nothing was stored") from exc
+            raise _unavailable(exc) from exc
+
+    async def _run(self, work: Callable[[AsyncConnection], Coroutine[Any, Any, _T]], *, write: bool = False) -> _T:
+        """``work`` in one transaction: on an SQLite thread where there is one, else on the
+        async engine. ``work`` may await nothing but its connection's ``execute``."""
+        if self._threads is None:
+            async with self._tx(write=write) as conn:
+                return await work(conn)
+        try:
+            return await self._threads.run(work, write=write)
+        except (ChatError, _Retry):
+            raise
+        except (SQLAlchemyError, OSError) as exc:
+            raise _unavailable(exc) from exc
 
     async def create_schema(self) -> None:
         async with self._tx(write=True) as conn:
             await conn.run_sync(METADATA.create_all)
 
     async def close(self) -> None:
+        if self._threads is not None:
+            self._threads.close()
         await self._engine.dispose()
 
     async def ping(self) -> None:
@@ -296,13 +328,7 @@ class SqlStore:
         wanted = sorted(set(user_ids))
         if not wanted:
             return {}
-        query = (
-            select(users.c.user_id, users.c.last_seq)
-            .where(users.c.user_id.in_(wanted))
-            .order_by(users.c.user_id)
-            .with_for_update()
-        )
-        return {row.user_id: row.last_seq for row in await conn.execute(query)}
+        return {row.user_id: row.last_seq for row in await conn.execute(_LOCK_HEADS, {"ids": wanted})}
 
     # ------------------------------------------------------------- users
 
@@ -332,8 +358,10 @@ class SqlStore:
             )
 
     async def device_revoked_at(self, user_id: str, device_id: str) -> int | None:
-        async with self._tx() as conn:
-            found = (await conn.execute(_REVOKED_AT, {"uid": user_id, "did": device_id})).scalar_one_or_none()
+        async def read(conn: AsyncConnection) -> Any:
+            return (await conn.execute(_REVOKED_AT, {"uid": user_id, "did": device_id})).scalar_one_or_none()
+
+        found = await self._run(read)
         return None if found is None else int(found)
 
     # ---------------------------------------------------------- messages
@@ -343,8 +371,7 @@ class SqlStore:
             return []
         for _ in range(_RETRIES):
             try:
-                async with self._tx(write=True) as conn:
-                    return await self._save(conn, requests)
+                return await self._run(lambda conn: self._save(conn, requests), write=True)
             except _Retry:
                 continue
         raise StorageUnavailable("group membership kept changing; nothing was stored")
@@ -387,14 +414,15 @@ class SqlStore:
     # ------------------------------------------------------------- reads
 
     async def read_stream(self, user_id: str, since_seq: int, limit: int) -> StreamPage:
-        async with self._tx() as conn:
-            return await self._page(conn, user_id, since_seq, limit)
+        return await self._run(lambda conn: self._page(conn, user_id, since_seq, limit))
 
     async def read_from_cursor(self, user_id: str, device_id: str, limit: int) -> StreamPage:
         # One transaction for what every connecting device asks: two were a fifth of
         # the broker's CPU while 10,000 devices connected.
-        async with self._tx() as conn:
+        async def read(conn: AsyncConnection) -> StreamPage:
             return await self._page(conn, user_id, await self._cursor(conn, user_id, device_id), limit)
+
+        return await self._run(read)
 
     async def _page(self, conn: AsyncConnection, user_id: str, since_seq: int, limit: int) -> StreamPage:
         latest = await self._latest(conn, user_id)
@@ -404,8 +432,7 @@ class SqlStore:
         return StreamPage(events=events, latest_seq=latest, has_more=len(rows) > limit)
 
     async def latest_seq(self, user_id: str) -> int:
-        async with self._tx() as conn:
-            return await self._latest(conn, user_id)
+        return await self._run(lambda conn: self._latest(conn, user_id))
 
     async def _latest(self, conn: AsyncConnection, user_id: str) -> int:
         result = await conn.execute(_LAST_SEQ, {"uid": user_id})
@@ -413,12 +440,11 @@ class SqlStore:
 
     # ------------------------------------------------- cursors and receipts
 
-    async def _retrying(self, work: Callable[[AsyncConnection], Awaitable[_T]]) -> _T:
+    async def _retrying(self, work: Callable[[AsyncConnection], Coroutine[Any, Any, _T]]) -> _T:
         """Run a write transaction, starting over while the set of streams to lock keeps changing."""
         for _ in range(_RETRIES):
             try:
-                async with self._tx(write=True) as conn:
-                    return await work(conn)
+                return await self._run(work, write=True)
             except _Retry:
                 continue
         raise StorageUnavailable("concurrent changes kept interfering; nothing was changed, try again")
@@ -531,8 +557,7 @@ class SqlStore:
         await conn.execute(stmt.on_conflict_do_update(index_elements=["user_id", "conversation_id"], set_=changes))
 
     async def get_cursor(self, user_id: str, device_id: str) -> int:
-        async with self._tx() as conn:
-            return await self._cursor(conn, user_id, device_id)
+        return await self._run(lambda conn: self._cursor(conn, user_id, device_id))
 
     async def _cursor(self, conn: AsyncConnection, user_id: str, device_id: str) -> int:
         found = (await conn.execute(_CURSOR, {"uid": user_id, "did": device_id})).scalar_one_or_none()
@@ -913,6 +938,7 @@ def _render(row: Any) -> AnyStreamEvent:
     return event
 
 
+@functools.cache
 def _existing_query(dialect: str) -> Select[Any]:
     """The stored messages among a batch's ``(sender, client_msg_id)`` keys.
 
