@@ -101,6 +101,7 @@ Subscribers = list[tuple[Session, int]]
 # ``asyncio.wait`` per broadcast; taking what is queued amortises that, and the cap
 # keeps one turn from holding the event loop for long.
 _BROADCAST_BURST = 256
+_LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
 
 class _SubscriptionTable(dict[str, Subscribers]):
@@ -173,10 +174,19 @@ class ChatBroker(Broker):
     async def _create_server_instance(
         self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
     ) -> Any:
+        # As amqtt does, with a listen backlog for connection storms (asyncio's default of
+        # 100 refused connects when thousands of devices came back at once) and, for
+        # WebSocket, a frame size bound: websockets would otherwise buffer messages of up
+        # to 1 MiB before the guard sees the MQTT length.
         if listener_type != ListenerType.WS:
-            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
-        # As amqtt does, plus a frame size bound: websockets would otherwise buffer
-        # messages of up to 1 MiB before the guard sees the MQTT length.
+            return await asyncio.start_server(
+                partial(self.stream_connected, listener_name=listener_name),
+                address,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
+                backlog=_LISTEN_BACKLOG,
+            )
         return await websockets.serve(
             partial(self.ws_connected, listener_name=listener_name),
             address,
@@ -184,6 +194,7 @@ class ChatBroker(Broker):
             ssl=ssl_context,
             subprotocols=[websockets.Subprotocol("mqtt")],
             max_size=self._limits.max_packet_bytes + 16,
+            backlog=_LISTEN_BACKLOG,
         )
 
     @staticmethod
