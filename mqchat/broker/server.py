@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 import websockets
-from amqtt.adapters import StreamReaderAdapter, WebSocketsWriter
+from amqtt.adapters import WebSocketsWriter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
@@ -32,7 +32,7 @@ from transitions import MachineError
 
 from mqchat.bridge.service import ChatService
 from mqchat.bridge.services import Services
-from mqchat.broker.guard import PacketGuard, StreamWriter, WebSocketReader
+from mqchat.broker.guard import PacketGuard, StreamChunks, StreamWriter, WebSocketReader
 from mqchat.broker.handler import ChatProtocolHandler
 from mqchat.broker.plugins import (
     DEVICE_ATTR,
@@ -155,7 +155,7 @@ class ChatBroker(Broker):
 
     # ------------------------------------------------------------ transport
 
-    def _guard(self, reader: Any, writer: Any) -> PacketGuard:
+    def _guard(self, reader: StreamChunks | WebSocketReader, writer: Any) -> PacketGuard:
         limits = self._limits
         return PacketGuard(
             reader, writer, max_packet=limits.max_packet_bytes, connect_timeout=limits.connect_timeout_seconds
@@ -165,7 +165,7 @@ class ChatBroker(Broker):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         adapter = StreamWriter(writer)
-        await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+        await self._client_connected(listener_name, self._guard(StreamChunks(reader), adapter), adapter)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter = WebSocketsWriter(websocket)
