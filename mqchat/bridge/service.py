@@ -234,22 +234,41 @@ class ChatService:
     # ------------------------------------------------------------- worker
 
     async def _run(self) -> None:
+        """Group commit, pipelined: while one batch's acks and events go out, the next
+        batch (what arrived meanwhile) is already being stored. Batches are answered in
+        the order they were stored, so every stream's events still go out in seq order."""
         while True:
             batch = [await self._queue.get()]
-            while len(batch) < self._settings.batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                outcomes = await self._store_batch(batch)
-            except Exception:  # the worker must survive anything one batch does
-                log.exception("storing a batch failed")
-                outcomes = [ChatError("internal error; nothing was stored")] * len(batch)
-            try:
-                await self._answer_batch(batch, outcomes)
-            except Exception:  # stored already: a failed publish is recovered by sync, not retried here
-                log.exception("publishing a stored batch failed")
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            self._take_queued(batch)
+            outcomes = await self._store_safely(batch)
+            while True:
+                upcoming = self._take_queued([])
+                storing = asyncio.ensure_future(self._store_safely(upcoming)) if upcoming else None
+                await self._answer_safely(batch, outcomes)
+                if storing is None:
+                    break
+                batch, outcomes = upcoming, await storing
+
+    def _take_queued(self, batch: list[_Pending]) -> list[_Pending]:
+        while len(batch) < self._settings.batch_size and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _store_safely(self, batch: list[_Pending]) -> list[SendOutcome | ChatError]:
+        try:
+            return await self._store_batch(batch)
+        except Exception:  # the worker must survive anything one batch does
+            log.exception("storing a batch failed")
+            return [ChatError("internal error; nothing was stored")] * len(batch)
+
+    async def _answer_safely(self, batch: list[_Pending], outcomes: list[SendOutcome | ChatError]) -> None:
+        try:
+            await self._answer_batch(batch, outcomes)
+        except Exception:  # stored already: a failed publish is recovered by sync, not retried here
+            log.exception("publishing a stored batch failed")
+        finally:
+            for _ in batch:
+                self._queue.task_done()
 
     async def _store_batch(self, batch: list[_Pending]) -> list[SendOutcome | ChatError]:
         try:

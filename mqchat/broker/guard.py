@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from typing import Any
+from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from websockets.exceptions import ConnectionClosed
@@ -39,6 +39,7 @@ UNACCEPTABLE_PROTOCOL_VERSION = b"\x20\x02\x00\x01"  # CONNACK, session present 
 _CLIENT_TYPES: dict[int, int | None] = {1: None, 3: None, 4: 2, 5: 2, 6: 2, 7: 2, 8: None, 10: None, 12: 0, 14: 0}
 _REQUIRED_FLAGS = {PUBREL: 0b0010, SUBSCRIBE: 0b0010, UNSUBSCRIBE: 0b0010}
 _MAX_LENGTH_BYTES = 4  # the remaining length is a varint of at most 4 bytes
+_CHUNK = 64 * 1024
 
 
 class PacketRefused(Exception):
@@ -82,11 +83,39 @@ def connect_version(body: bytes) -> tuple[str, int, str]:
     return name, level, client_id
 
 
+class ChunkReader(Protocol):
+    """A connection's incoming bytes, as they arrive."""
+
+    async def read_some(self) -> bytes:
+        """What is available now, at least one byte (waiting if none); b"" at the end."""
+        ...
+
+    def feed_eof(self) -> None: ...
+
+
+class StreamChunks(ReaderAdapter):
+    """A TCP connection's bytes, a buffer at a time: a PUBACK is 4 bytes, and reading each
+    packet's header and body with their own awaits cost more than handling it."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    async def read_some(self) -> bytes:
+        return await self._reader.read(_CHUNK)
+
+    async def read(self, n: int = -1) -> bytes:
+        return await self._reader.readexactly(n)
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
 class PacketGuard(ReaderAdapter):
     """Reads whole packets from ``inner``; amqtt reads them from here."""
 
-    def __init__(self, inner: ReaderAdapter, writer: WriterAdapter, *, max_packet: int, connect_timeout: float) -> None:
+    def __init__(self, inner: ChunkReader, writer: WriterAdapter, *, max_packet: int, connect_timeout: float) -> None:
         self._inner = inner
+        self._buffer = bytearray()  # received, not yet taken
         self._writer = writer
         self._max_packet = max_packet
         self._connect_timeout = connect_timeout
@@ -188,11 +217,19 @@ class PacketGuard(ReaderAdapter):
         return packet
 
     async def _read_exactly(self, n: int) -> bytes:
-        try:
-            data: bytes = await self._inner.read(n)
-        except (asyncio.IncompleteReadError, ConnectionError, ConnectionClosed):
-            return b""
-        return data if len(data) == n else b""
+        """``n`` bytes, or b"" at the end of the stream. Bytes already taken off the socket
+        stay in the buffer when a read is cancelled (a CONNECT timeout)."""
+        while len(self._buffer) < n:
+            try:
+                chunk = await self._inner.read_some()
+            except (ConnectionError, ConnectionClosed):
+                return b""
+            if not chunk:
+                return b""
+            self._buffer += chunk
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
 
     async def _check_connect(self, packet: bytes) -> None:
         if not packet:
@@ -231,6 +268,17 @@ class WebSocketReader(ReaderAdapter):
     def __init__(self, websocket: Any) -> None:
         self._ws = websocket
         self._buffer = bytearray()
+
+    async def read_some(self) -> bytes:
+        if not self._buffer:
+            try:
+                message = await self._ws.recv()
+            except ConnectionClosed:
+                return b""
+            return message.encode() if isinstance(message, str) else bytes(message)
+        out = bytes(self._buffer)
+        self._buffer.clear()
+        return out
 
     async def read(self, n: int = -1) -> bytes:
         while len(self._buffer) < max(n, 1):

@@ -19,7 +19,7 @@ from functools import partial
 from typing import Any
 
 import websockets
-from amqtt.adapters import StreamReaderAdapter, WebSocketsWriter
+from amqtt.adapters import WebSocketsWriter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
@@ -32,7 +32,7 @@ from transitions import MachineError
 
 from mqchat.bridge.service import ChatService
 from mqchat.bridge.services import Services
-from mqchat.broker.guard import PacketGuard, StreamWriter, WebSocketReader
+from mqchat.broker.guard import PacketGuard, StreamChunks, StreamWriter, WebSocketReader
 from mqchat.broker.handler import ChatProtocolHandler
 from mqchat.broker.plugins import (
     DEVICE_ATTR,
@@ -101,6 +101,7 @@ Subscribers = list[tuple[Session, int]]
 # ``asyncio.wait`` per broadcast; taking what is queued amortises that, and the cap
 # keeps one turn from holding the event loop for long.
 _BROADCAST_BURST = 256
+_LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
 
 class _SubscriptionTable(dict[str, Subscribers]):
@@ -154,7 +155,7 @@ class ChatBroker(Broker):
 
     # ------------------------------------------------------------ transport
 
-    def _guard(self, reader: Any, writer: Any) -> PacketGuard:
+    def _guard(self, reader: StreamChunks | WebSocketReader, writer: Any) -> PacketGuard:
         limits = self._limits
         return PacketGuard(
             reader, writer, max_packet=limits.max_packet_bytes, connect_timeout=limits.connect_timeout_seconds
@@ -164,7 +165,7 @@ class ChatBroker(Broker):
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         adapter = StreamWriter(writer)
-        await self._client_connected(listener_name, self._guard(StreamReaderAdapter(reader), adapter), adapter)
+        await self._client_connected(listener_name, self._guard(StreamChunks(reader), adapter), adapter)
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         adapter = WebSocketsWriter(websocket)
@@ -173,10 +174,19 @@ class ChatBroker(Broker):
     async def _create_server_instance(
         self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any
     ) -> Any:
+        # As amqtt does, with a listen backlog for connection storms (asyncio's default of
+        # 100 refused connects when thousands of devices came back at once) and, for
+        # WebSocket, a frame size bound: websockets would otherwise buffer messages of up
+        # to 1 MiB before the guard sees the MQTT length.
         if listener_type != ListenerType.WS:
-            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
-        # As amqtt does, plus a frame size bound: websockets would otherwise buffer
-        # messages of up to 1 MiB before the guard sees the MQTT length.
+            return await asyncio.start_server(
+                partial(self.stream_connected, listener_name=listener_name),
+                address,
+                port,
+                reuse_address=True,
+                ssl=ssl_context,
+                backlog=_LISTEN_BACKLOG,
+            )
         return await websockets.serve(
             partial(self.ws_connected, listener_name=listener_name),
             address,
@@ -184,6 +194,7 @@ class ChatBroker(Broker):
             ssl=ssl_context,
             subprotocols=[websockets.Subprotocol("mqtt")],
             max_size=self._limits.max_packet_bytes + 16,
+            backlog=_LISTEN_BACKLOG,
         )
 
     @staticmethod
