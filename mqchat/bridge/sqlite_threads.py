@@ -40,6 +40,9 @@ class _SyncConnection:
     async def execute(self, statement: Any, parameters: Any = None) -> Any:
         return self._conn.execute(statement, parameters)
 
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any:
+        return self._conn.exec_driver_sql(statement, parameters)
+
 
 def drive(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run a coroutine that never suspends to its end and return its result."""
