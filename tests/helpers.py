@@ -11,6 +11,7 @@ from typing import Any
 import aiomqtt
 import httpx
 
+from mqchat.core.origin import verify
 from mqchat.runner import RunningServer
 
 PASSWORD = "correct-horse-1"
@@ -86,6 +87,15 @@ class Device:
         return out
 
 
+def checked_origin(key: bytes, topic: str, payload: bytes) -> bytes:
+    """The payload without its ``sig``; every event on a stream or device topic must carry the server's."""
+    if not topic.startswith(("chat/user/", "chat/device/")):
+        return payload
+    body = verify(key, payload)
+    assert body is not None, f"an event on {topic} without a valid server signature: {payload[:200]!r}"
+    return body
+
+
 @contextlib.asynccontextmanager
 async def connect_device(
     server: RunningServer, user_id: str, device_id: str, token: str, *, subscribe: bool = True
@@ -101,9 +111,12 @@ async def connect_device(
     async with client:
         device = Device(client, user_id, device_id)
 
+        key = server.services.event_keys.key_for(user_id)
+
         async def pump() -> None:
             async for message in client.messages:
-                device.received.put_nowait((str(message.topic), json.loads(bytes(message.payload))))  # type: ignore[arg-type]
+                topic, payload = str(message.topic), bytes(message.payload)  # type: ignore[arg-type]
+                device.received.put_nowait((topic, json.loads(checked_origin(key, topic, payload))))
 
         task = asyncio.create_task(pump())
         try:

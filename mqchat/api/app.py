@@ -38,6 +38,7 @@ from mqchat.bridge.auth import Claims
 from mqchat.bridge.services import Services
 from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
 from mqchat.core.ids import DeviceAddress, is_valid_id
+from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
 HISTORY_MAX_LIMIT = 200
@@ -83,6 +84,11 @@ def _checked_conversation(conversation_id: str) -> str:
     return conversation_id
 
 
+def _token(services: Services, access: str, user_id: str, device_id: str | None) -> Token:
+    key = encode_key(services.event_keys.key_for(user_id))
+    return Token(access_token=access, expires_in=services.tokens.ttl_seconds, device_id=device_id, event_key=key)
+
+
 def create_app(services: Services, client_config: ClientConfig | None = None) -> FastAPI:
     """``client_config``: the WebSocket ports the broker really bound (default: the configured ones)."""
     app = FastAPI(
@@ -125,13 +131,13 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         access = await services.accounts.login(
             body.user_id, body.password, client_ip=client_ip, device_id=body.device_id
         )
-        return Token(access_token=access, expires_in=services.tokens.ttl_seconds, device_id=body.device_id)
+        return _token(services, access, body.user_id, body.device_id)
 
     @app.post("/v1/token/refresh", tags=["accounts"])
     async def refresh(claims: ClaimsDep, services: ServicesDep) -> Token:
         """A fresh token for the same user and device scope, from a valid one."""
         access = services.accounts.refresh(claims)
-        return Token(access_token=access, expires_in=services.tokens.ttl_seconds, device_id=claims.device_id)
+        return _token(services, access, claims.user_id, claims.device_id)
 
     @app.delete("/v1/devices/{device_id}", status_code=204, tags=["accounts"])
     async def revoke_device(device_id: str, user: UserDep, services: ServicesDep) -> Response:

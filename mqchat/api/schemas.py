@@ -37,6 +37,9 @@ class Token(BaseModel):
     expires_in: int
     device_id: str | None = None
     """The device the token is scoped to; null: any device of the user."""
+    event_key: str
+    """Base64url key that verifies the ``sig`` of every event on the user's stream and
+    device topics (docs/protocol.md, "Event signatures")."""
 
 
 class SendBody(BaseModel):

@@ -12,6 +12,7 @@ token was scoped to it or not (an unscoped token could otherwise reconnect it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from mqchat.bridge.store import MessageStore
 from mqchat.config import AuthSettings
 from mqchat.core.errors import InvalidCommand, InvalidCredentials, InvalidToken, RateLimited
 from mqchat.core.ids import check_id
+from mqchat.core.origin import event_key, sign
 
 MIN_PASSWORD = 8
 MAX_PASSWORD = 256
@@ -86,6 +88,23 @@ class TokenIssuer:
             iat = claims.get("iat")
             issued = int(iat) * 1000 if isinstance(iat, int) else 0
         return Claims(subject, device, issued)
+
+
+class EventKeys:
+    """Signs the events of each user's stream and device topics (``mqchat.core.origin``).
+
+    The keys derive from the server secret, so every node of a cluster signs alike."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret.encode()
+        # One key per user, derived once: a group message is signed once per member stream.
+        self.key_for = functools.lru_cache(maxsize=65_536)(self._derive)
+
+    def _derive(self, user_id: str) -> bytes:
+        return event_key(self._secret, user_id)
+
+    def sign(self, user_id: str, payload: bytes) -> bytes:
+        return sign(self.key_for(user_id), payload)
 
 
 class LoginThrottle:

@@ -20,6 +20,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mqchat.bridge.auth import EventKeys
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.presence import PresenceTracker, TypingThrottle
 from mqchat.bridge.ratelimit import TokenBuckets
@@ -123,8 +124,11 @@ class ChatService:
         *,
         max_payload_bytes: int,
         send_limiter: TokenBuckets | None = None,
+        event_keys: EventKeys | None = None,
     ) -> None:
         self._store = store
+        # Signs what goes to stream and device topics, so devices can tell forgeries (core/origin.py).
+        self._keys = event_keys
         self._settings = settings
         self._max_payload = max_payload_bytes
         self._send_limiter = send_limiter
@@ -401,17 +405,20 @@ class ChatService:
         elif command.to_user is not None:
             if not await self._store.are_contacts(device.user_id, command.to_user):
                 raise NotFound(f"no conversation with {command.to_user!r}")
-            await self._publish(stream_topic(command.to_user), encode_event(event))
+            await self._publish(stream_topic(command.to_user), self._signed(command.to_user, encode_event(event)))
 
     # -------------------------------------------------------------- output
 
     async def publish_events(self, emitted: Emitted) -> None:
         for user_id, event in emitted:
-            await self._publish(stream_topic(user_id), encode_event(event))
+            await self._publish(stream_topic(user_id), self._signed(user_id, encode_event(event)))
         self.notifier.notify(user_id for user_id, _ in emitted)
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
-        await self._publish(device_topic(device), encode_event(event))
+        await self._publish(device_topic(device), self._signed(device.user_id, encode_event(event)))
+
+    def _signed(self, user_id: str, payload: bytes) -> bytes:
+        return payload if self._keys is None else self._keys.sign(user_id, payload)
 
     async def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         if self._publisher is not None:

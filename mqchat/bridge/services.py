@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from mqchat.bridge.auth import Accounts, TokenIssuer
+from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.ratelimit import TokenBuckets
 from mqchat.bridge.service import ChatService
 from mqchat.bridge.sql import SqlStore
@@ -23,6 +23,7 @@ class Services:
     store: SqlStore
     accounts: Accounts
     chat: ChatService
+    event_keys: EventKeys
 
     @property
     def tokens(self) -> TokenIssuer:
@@ -35,17 +36,20 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
     store = SqlStore.from_url(settings.resolved_database_url())
     try:
         await store.create_schema()
-        tokens = TokenIssuer(settings.resolved_secret(), settings.auth.token_ttl_seconds)
+        secret = settings.resolved_secret()
+        tokens = TokenIssuer(secret, settings.auth.token_ttl_seconds)
+        event_keys = EventKeys(secret)
         limits = settings.limits
         chat = ChatService(
             store,
             settings.bridge,
             max_payload_bytes=settings.mqtt.max_payload_bytes,
             send_limiter=TokenBuckets(limits.send_rate_per_second, limits.send_burst),
+            event_keys=event_keys,
         )
         await chat.start()
         try:
-            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat)
+            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys)
         finally:
             await chat.stop()
     finally:

@@ -21,7 +21,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from mqchat.runner import RunningServer
-from tests.helpers import http_client, register
+from tests.helpers import checked_origin, http_client, register
 
 pytestmark = pytest.mark.interop
 
@@ -61,7 +61,8 @@ class _Received:
     and ``drain`` returns them, so that every event is accounted for.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes) -> None:
+        self.key = key  # the user's event key: every event must carry the server's signature
         self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._aside: list[tuple[str, dict[str, Any]]] = []
 
@@ -73,7 +74,7 @@ class _Received:
         async with asyncio.timeout(TIMEOUT):
             while True:
                 topic, payload = await self.queue.get()
-                event = json.loads(payload)
+                event = json.loads(checked_origin(self.key, topic, payload))
                 if event["type"] == kind:
                     return topic, event
                 self._aside.append((topic, event))
@@ -84,7 +85,7 @@ class _Received:
             while True:
                 async with asyncio.timeout(quiet):
                     topic, payload = await self.queue.get()
-                out.append((topic, json.loads(payload)))
+                out.append((topic, json.loads(checked_origin(self.key, topic, payload))))
         return out
 
 
@@ -92,8 +93,8 @@ class _Received:
 
 
 class PahoEndpoint(_Received):
-    def __init__(self, client: mqtt.Client, user_id: str, device_id: str) -> None:
-        super().__init__()
+    def __init__(self, client: mqtt.Client, user_id: str, device_id: str, key: bytes) -> None:
+        super().__init__(key)
         self.client = client
         self.user_id = user_id
         self.device_id = device_id
@@ -122,7 +123,7 @@ async def paho_endpoint(
     if websocket:
         client.ws_set_options(path="/mqtt")
     client.username_pw_set(user_id, token)
-    endpoint = PahoEndpoint(client, user_id, device_id)
+    endpoint = PahoEndpoint(client, user_id, device_id, server.services.event_keys.key_for(user_id))
     connack: asyncio.Future[int] = loop.create_future()
     suback: asyncio.Future[list[int]] = loop.create_future()
 
@@ -158,8 +159,8 @@ async def paho_endpoint(
 
 
 class AiomqttEndpoint(_Received):
-    def __init__(self, client: aiomqtt.Client, user_id: str, device_id: str) -> None:
-        super().__init__()
+    def __init__(self, client: aiomqtt.Client, user_id: str, device_id: str, key: bytes) -> None:
+        super().__init__(key)
         self.client = client
         self.user_id = user_id
         self.device_id = device_id
@@ -186,7 +187,7 @@ async def aiomqtt_endpoint(
         timeout=TIMEOUT,
     )
     async with client:
-        endpoint = AiomqttEndpoint(client, user_id, device_id)
+        endpoint = AiomqttEndpoint(client, user_id, device_id, server.services.event_keys.key_for(user_id))
 
         async def pump() -> None:
             async for message in client.messages:
@@ -345,8 +346,9 @@ def connection_args(server: RunningServer, user_id: str, device_id: str, token: 
 class MosquittoSub:
     """``mosquitto_sub -v`` on a device's two topics, stopping by itself after ``count`` messages."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, key: bytes) -> None:
         self.process = process
+        self.key = key
 
     async def next(self, kind: str) -> tuple[str, dict[str, Any]]:
         assert self.process.stdout is not None
@@ -354,7 +356,7 @@ class MosquittoSub:
             line = await self.process.stdout.readline()
         assert line, f"mosquitto_sub ended early: {await self.stderr()}"
         topic, _, payload = line.decode().rstrip("\n").partition(" ")
-        event = json.loads(payload)
+        event = json.loads(checked_origin(self.key, topic, payload.encode()))
         assert event["type"] == kind, (topic, event)
         return topic, event
 
@@ -393,7 +395,7 @@ async def mosquitto_sub(
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        yield MosquittoSub(process)
+        yield MosquittoSub(process, server.services.event_keys.key_for(user_id))
     finally:
         if process.returncode is None:
             process.kill()
