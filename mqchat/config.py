@@ -65,6 +65,22 @@ class LimitsSettings(_Section):
     """Sends per device (token bucket refill rate); over it a send gets ``rate_limited``."""
     send_burst: int = Field(default=500, ge=1)
     """Token bucket size: sends a device may make at once after being quiet."""
+    user_send_rate_per_second: float = Field(default=100, gt=0)
+    """Sends per user, all devices and HTTP together: device ids are free, so the per-device
+    bucket alone would multiply with them."""
+    user_send_burst: int = Field(default=1000, ge=1)
+    command_rate_per_second: float = Field(default=200, gt=0)
+    """Commands of any type per user (sends, syncs, acks, reads, recalls, typing, refused publishes)."""
+    command_burst: int = Field(default=1000, ge=1)
+    sync_rate_per_second: float = Field(default=20, gt=0)
+    """Stream reads per user (``sync_messages``, ``GET /v1/sync``, long-poll reads): they cost
+    far more than other commands."""
+    sync_burst: int = Field(default=60, ge=1)
+    max_concurrent_reads_per_user: int = Field(default=4, ge=1)
+    """Stream reads of one user running at once; beyond it ``rate_limited``, so that one user's
+    reads never queue ahead of everyone's connects."""
+    max_new_devices_per_hour: int = Field(default=50, ge=1)
+    """Device ids a user may connect with for the first time in an hour (MQTT); beyond it CONNACK 0x05."""
     max_connections_per_user: int = Field(default=20, ge=1)
     """Live MQTT connections of one user (all devices); beyond it CONNACK 0x05."""
     max_subscriptions_per_connection: int = Field(default=500, ge=2)
@@ -76,6 +92,15 @@ class LimitsSettings(_Section):
     connection is closed (the device catches up from its cursor when it reconnects)."""
     max_unacked_deliveries: int = Field(default=10_000, ge=10, le=60_000)
     """QoS 1 deliveries to one connection waiting for their PUBACK; beyond it, as above."""
+    max_inflight_qos2: int = Field(default=100, ge=1, le=65_535)
+    """QoS 2 PUBLISHes of one connection waiting for their PUBREL; beyond it the connection is closed."""
+    session_expiry_seconds: float = Field(default=3600, ge=0)
+    """How long a ``clean session = 0`` session outlives its connection (it keeps only its subscriptions)."""
+    max_offline_sessions_per_user: int = Field(default=10, ge=0)
+    """Offline persistent sessions kept per user; beyond it the oldest is forgotten."""
+    max_connections_per_listener: int = Field(default=100_000, ge=1)
+    """Open connections on one MQTT listener (TCP or WebSocket), authenticated or not; beyond it
+    a new connection is closed at once."""
 
 
 class TlsSettings(_Section):

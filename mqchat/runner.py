@@ -16,7 +16,8 @@ import uvicorn
 from mqchat.api.app import create_app
 from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.services import Services, build_services
-from mqchat.broker.server import ChatBroker, broker_config, listener_names
+from mqchat.broker.amqtt_host import AmqttHost
+from mqchat.broker.server import MqttServer
 from mqchat.config import Settings
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class RunningServer:
     """The ports the listeners bound (useful with port 0); None for a listener that is off."""
 
     services: Services
-    broker: ChatBroker
+    broker: MqttServer
     mqtt_port: int | None
     ws_port: int | None
     http_port: int | None
@@ -126,8 +127,10 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     http_socks = _http_sockets(settings)
     try:
         async with build_services(settings) as services:
-            broker = ChatBroker(broker_config(services), settings.limits, listener_names(settings), chat=services.chat)
-            await broker.start()
+            broker = MqttServer(services)
+            host = AmqttHost(broker, settings)
+            await host.start()
+            services.chat.attach_publisher(broker)
             services.chat.attach_sessions(broker)
             try:
                 # The browser page learns the bound ports (they differ from the settings with port 0).
@@ -139,14 +142,16 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                         )
                     yield _running(services, broker, http_socks)
             finally:
+                services.chat.attach_publisher(None)
                 services.chat.attach_sessions(None)
-                await broker.shutdown()
+                await broker.close()
+                await host.shutdown()
     finally:
         for sock in http_socks.values():
             sock.close()
 
 
-def _running(services: Services, broker: ChatBroker, http_socks: dict[str, socket.socket]) -> RunningServer:
+def _running(services: Services, broker: MqttServer, http_socks: dict[str, socket.socket]) -> RunningServer:
     def http_port(name: str) -> int | None:
         sock = http_socks.get(name)
         return int(sock.getsockname()[1]) if sock is not None else None

@@ -16,6 +16,17 @@ from mqchat.runner import RunningServer
 
 PASSWORD = "correct-horse-1"
 
+UNLIMITED = {
+    "send_rate_per_second": 100_000,
+    "send_burst": 100_000,
+    "user_send_rate_per_second": 100_000,
+    "user_send_burst": 100_000,
+    "command_rate_per_second": 100_000,
+    "command_burst": 100_000,
+    "max_new_devices_per_hour": 100_000,
+}
+"""Limits for tests that send in bursts on purpose: the rate limits are not what they test."""
+
 
 def http_client(server: RunningServer, token: str | None = None) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 
 from mqchat.core.errors import RateLimited
 
@@ -21,14 +25,14 @@ class TokenBuckets:
         self._max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: str, *, ref: str | None = None) -> None:
+    def take(self, key: str, *, ref: str | None = None, what: str = "sends") -> None:
         """Take one token, or raise ``RateLimited`` saying when one will be there."""
         now = time.monotonic()
         tokens = self._level(key, now)
         if tokens < 1:
             self._buckets[key] = (tokens, now)
             raise RateLimited(
-                f"more than {self._rate:g} sends per second (bursts of {self._burst:g}); slow down",
+                f"more than {self._rate:g} {what} per second (bursts of {self._burst:g}); slow down",
                 retry_after=(1 - tokens) / self._rate,
                 ref=ref,
             )
@@ -50,3 +54,56 @@ class TokenBuckets:
         if len(self._buckets) > self._max_keys:
             for key in list(self._buckets)[: len(self._buckets) // 2]:
                 del self._buckets[key]
+
+
+class NewKeyBudget:
+    """At most ``limit`` distinct new members per owner within ``window`` seconds (e.g. the
+    device ids a user connects with): a member seen within the window is free again."""
+
+    def __init__(self, limit: int, window: float, max_owners: int = 100_000) -> None:
+        self._limit = limit
+        self._window = window
+        self._max_owners = max_owners
+        self._seen: OrderedDict[str, OrderedDict[str, float]] = OrderedDict()
+
+    def admit(self, owner: str, member: str) -> bool:
+        now = time.monotonic()
+        seen = self._seen.pop(owner, None) or OrderedDict()
+        self._seen[owner] = seen  # most recently used last
+        while seen and next(iter(seen.values())) <= now - self._window:
+            seen.popitem(last=False)
+        if member in seen:
+            return True
+        if len(seen) >= self._limit:
+            return False
+        seen[member] = now
+        while len(self._seen) > self._max_owners:
+            self._seen.popitem(last=False)
+        return True
+
+
+class ConcurrencyLimit:
+    """At most ``per_key`` operations at once per key (a user's stream reads), and at most
+    ``total`` at once overall, waiting in turn: one user's reads cannot fill the database's
+    queue ahead of everyone's connects."""
+
+    def __init__(self, per_key: int, total: int) -> None:
+        self._per_key = per_key
+        self._running: dict[str, int] = {}
+        self._gate = asyncio.Semaphore(total)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str) -> AsyncIterator[None]:
+        running = self._running.get(key, 0)
+        if running >= self._per_key:
+            raise RateLimited(f"more than {self._per_key} reads at once; wait for the answers", retry_after=0.1)
+        self._running[key] = running + 1
+        try:
+            async with self._gate:
+                yield
+        finally:
+            left = self._running[key] - 1
+            if left:
+                self._running[key] = left
+            else:
+                del self._running[key]

@@ -23,10 +23,10 @@ from typing import Any, Protocol
 from mqchat.bridge.auth import EventKeys
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.presence import PresenceTracker, TypingThrottle
-from mqchat.bridge.ratelimit import TokenBuckets
+from mqchat.bridge.ratelimit import ConcurrencyLimit, TokenBuckets
 from mqchat.bridge.store import Emitted, GroupInfo, MessageStore, SendOutcome, SendRequest
-from mqchat.config import BridgeSettings
-from mqchat.core.errors import ChatError, NotAMember, NotFound, ServerBusy
+from mqchat.config import BridgeSettings, LimitsSettings
+from mqchat.core.errors import ChatError, NotAllowed, NotAMember, NotFound, RateLimited, ServerBusy
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.protocol import (
     Ack,
@@ -46,7 +46,7 @@ from mqchat.core.protocol import (
     format_time,
     parse_command,
 )
-from mqchat.core.topics import device_topic, group_topic, presence_topic, stream_topic
+from mqchat.core.topics import device_topic, group_topic, inbox_topic, presence_topic, stream_topic
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class SessionControl(Protocol):
 
     async def close_device(self, device: DeviceAddress) -> bool:
         """Close the device's live MQTT connection; False if it had none."""
+
+    async def close_user(self, user_id: str) -> int:
+        """Close every live MQTT connection of the user; how many there were."""
 
 
 @dataclass(slots=True)
@@ -88,6 +91,17 @@ def _request(sender: str, command: AnySend) -> SendRequest:
     if isinstance(command, SendGroupMessage):
         return SendRequest(sender, command.client_msg_id, command.content, command.msg_type, group_id=command.group_id)
     return SendRequest(sender, command.client_msg_id, command.content, command.msg_type, to_user=command.to_user)
+
+
+class _Limits:
+    """What one device and one user may cost: token buckets, and concurrent stream reads."""
+
+    def __init__(self, limits: LimitsSettings) -> None:
+        self.device_sends = TokenBuckets(limits.send_rate_per_second, limits.send_burst)
+        self.user_sends = TokenBuckets(limits.user_send_rate_per_second, limits.user_send_burst)
+        self.commands = TokenBuckets(limits.command_rate_per_second, limits.command_burst)
+        self.syncs = TokenBuckets(limits.sync_rate_per_second, limits.sync_burst)
+        self.reads = ConcurrencyLimit(limits.max_concurrent_reads_per_user, total=4)
 
 
 class GroupDirectory:
@@ -123,7 +137,7 @@ class ChatService:
         settings: BridgeSettings,
         *,
         max_payload_bytes: int,
-        send_limiter: TokenBuckets | None = None,
+        limits: LimitsSettings | None = None,
         event_keys: EventKeys | None = None,
     ) -> None:
         self._store = store
@@ -131,7 +145,7 @@ class ChatService:
         self._keys = event_keys
         self._settings = settings
         self._max_payload = max_payload_bytes
-        self._send_limiter = send_limiter
+        self._limits = _Limits(limits or LimitsSettings())
         self._sessions: SessionControl | None = None
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.queue_size)
         self._publisher: Publisher | None = None
@@ -160,6 +174,10 @@ class ChatService:
         """End the device's live MQTT connection, if it has one (device revocation)."""
         return self._sessions is not None and await self._sessions.close_device(device)
 
+    async def close_user(self, user_id: str) -> int:
+        """End every live MQTT connection of the user (logged out everywhere)."""
+        return 0 if self._sessions is None else await self._sessions.close_user(user_id)
+
     async def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="mqchat-bridge-worker")
@@ -186,8 +204,9 @@ class ChatService:
         """
         try:
             command = parse_command(payload, max_bytes=self._max_payload)
+            self._limits.commands.take(device.user_id, ref=getattr(command, "client_msg_id", None), what="commands")
             if isinstance(command, SendMessage | SendGroupMessage):
-                self._limit_send(device.client_id, command.client_msg_id)
+                self._limit_send(device.user_id, device.client_id, command.client_msg_id)
                 self._enqueue(_Pending(_request(device.user_id, command), device, None))
             elif isinstance(command, SyncMessages):
                 self._spawn(self._answer(device, self.sync(device.user_id, command.since_seq, command.limit)))
@@ -202,20 +221,31 @@ class ChatService:
         except ChatError as exc:
             self._spawn(self.reply(device, error_event(exc)))
 
+    def refuse_publish(self, device: DeviceAddress, topic: str) -> None:
+        """A PUBLISH outside the device's inbox reached nobody: tell the device (within its rate)."""
+        try:
+            self._limits.commands.take(device.user_id, what="commands")
+        except RateLimited:
+            return  # a flood of refused publishes earns no flood of replies
+        refusal = NotAllowed(f"devices publish only on {inbox_topic(device)}; refused {topic[:200]!r}")
+        self._spawn(self.reply(device, error_event(refusal)))
+
     async def send(self, sender: str, command: AnySend, *, device_id: str | None = None) -> MessageAck:
         """Store a message sent over HTTP; returns once it is stored (fan-out follows at once).
 
-        Rate-limited per device when the token names one, else per user's HTTP sends.
+        Rate-limited per user, and per device when the token names one (else as the user's HTTP device).
         """
-        self._limit_send(f"{sender}:{device_id}" if device_id else f"{sender}/http", command.client_msg_id)
+        self._limits.commands.take(sender, ref=command.client_msg_id, what="commands")
+        self._limit_send(sender, f"{sender}:{device_id}" if device_id else f"{sender}/http", command.client_msg_id)
         future: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(_request(sender, command), None, future))
         return await future
 
-    def _limit_send(self, key: str, ref: str) -> None:
-        # Refused before the queue: a flood from one device never crowds out the others.
-        if self._send_limiter is not None:
-            self._send_limiter.take(key, ref=ref)
+    def _limit_send(self, user_id: str, device_key: str, ref: str) -> None:
+        # Refused before the queue: a flood from one device never crowds out the others. Per user
+        # too: device ids are free, and one token over ten device ids must not send ten times as much.
+        self._limits.device_sends.take(device_key, ref=ref)
+        self._limits.user_sends.take(user_id, ref=ref)
 
     def _enqueue(self, pending: _Pending) -> None:
         try:
@@ -305,7 +335,10 @@ class ChatService:
     # ---------------------------------------------------- sync and cursors
 
     async def sync(self, user_id: str, since_seq: int, limit: int) -> SyncResponse:
-        page = await self._store.read_stream(user_id, since_seq, limit)
+        """A page of the user's stream (``sync_messages``, ``GET /v1/sync``), within the user's read limits."""
+        self._limits.syncs.take(user_id, what="stream reads")
+        async with self._limits.reads.slot(user_id):
+            page = await self._store.read_stream(user_id, since_seq, limit)
         return SyncResponse(events=page.events, latest_seq=page.latest_seq, has_more=page.has_more)
 
     async def long_poll(self, user_id: str, since_seq: int, wait_seconds: float, limit: int) -> SyncResponse:

@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
-from mqchat.bridge.ratelimit import TokenBuckets
 from mqchat.bridge.service import ChatService
 from mqchat.bridge.sql import SqlStore
 from mqchat.config import Settings
@@ -44,7 +43,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             store,
             settings.bridge,
             max_payload_bytes=settings.mqtt.max_payload_bytes,
-            send_limiter=TokenBuckets(limits.send_rate_per_second, limits.send_burst),
+            limits=limits,
             event_keys=event_keys,
         )
         await chat.start()

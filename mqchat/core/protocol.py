@@ -154,8 +154,7 @@ def parse_command(payload: bytes | bytearray | str, *, max_bytes: int = MAX_PAYL
 def command_from_dict(data: Any) -> Command:
     if not isinstance(data, dict):
         raise InvalidCommand("payload must be a JSON object with a 'type'")
-    ref = data.get("client_msg_id")
-    ref = ref if isinstance(ref, str) and len(ref) <= MAX_CLIENT_MSG_ID else None
+    ref = _echoable(data.get("client_msg_id"))
     kind = data.get("type")
     model = COMMANDS.get(kind) if isinstance(kind, str) else None
     if model is None:
@@ -165,6 +164,20 @@ def command_from_dict(data: Any) -> Command:
     except ValidationError as exc:
         raise InvalidCommand(_describe(exc), ref=ref) from exc
     return command
+
+
+def _echoable(ref: Any) -> str | None:
+    """A client_msg_id that can go back in an error's ``ref``: one that could be stored.
+
+    A lone surrogate (legal as a JSON escape) cannot be encoded: echoing it made the error
+    itself fail to encode, so the device got no answer at all."""
+    if not isinstance(ref, str) or len(ref) > MAX_CLIENT_MSG_ID:
+        return None
+    try:
+        ref.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return ref
 
 
 def _describe(exc: ValidationError) -> str:
@@ -365,4 +378,6 @@ def decode_event(payload: bytes | str) -> Event:
 def error_event(error: ChatError) -> ErrorEvent:
     """The one mapping from a ``ChatError`` to the MQTT ``error`` event."""
     retry_after = error.retry_after if isinstance(error, RateLimited) else None
-    return ErrorEvent(code=error.code, message=error.message, ref=error.ref, retry_after=retry_after)
+    # Whatever a client sent, its error must encode: no text from it may break the reply.
+    message = error.message.encode("utf-8", "replace").decode("utf-8")
+    return ErrorEvent(code=error.code, message=message, ref=_echoable(error.ref), retry_after=retry_after)

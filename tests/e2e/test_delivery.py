@@ -21,7 +21,7 @@ import pytest
 
 from mqchat.config import Settings
 from mqchat.runner import RunningServer
-from tests.helpers import Device, connect_device, http_client, register
+from tests.helpers import UNLIMITED, Device, connect_device, http_client, register
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """These tests send in bursts on purpose: the per-device rate limit is not what they test."""
-    limits = settings.limits.model_copy(update={"send_rate_per_second": 100_000, "send_burst": 100_000})
+    limits = settings.limits.model_copy(update=UNLIMITED)
     return settings.model_copy(update={"limits": limits})
 
 

@@ -198,7 +198,7 @@ async def test_presence_follows_the_first_and_the_last_device(server: RunningSer
 
 
 # amqtt 0.12 pushed, on every CONNECT, the retained messages of every client's filters to the
-# connecting client without an ACL check; ChatBroker now sends them only to holders of the filter.
+# connecting client without an ACL check; the broker sends them only to holders of the filter.
 async def test_retained_presence_reaches_only_those_who_subscribe(server: RunningServer) -> None:
     alice, bob, dave = [await register(server, user) for user in ("alice", "bob", "dave")]
     await send_over_http(server, alice, "bob", "hello-bob")
@@ -348,7 +348,7 @@ async def test_a_removed_member_stops_receiving_on_the_group_topic(server: Runni
 
         await remove_member(server, alice, group_id, "carol")
         # carol's subscription is still in the broker: only the per-delivery check can stop her.
-        subscribers = [session.client_id for session, _ in server.broker._subscriptions.get(topic, [])]
+        subscribers = [session.client_id for session, _ in server.broker._subscriptions.of(topic)]
         assert "carol:watch" in subscribers
 
         await phone.publish({"type": "typing", "group_id": group_id, "state": "stopped"})
