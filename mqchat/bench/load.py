@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mqchat.bench import wire
+from mqchat.core import mqtt
+from mqchat.core.mqtt import Connack, Connect, Disconnect, Puback, Publish, Suback, Subscribe
 
 
 class Dialect(Protocol):
@@ -114,11 +115,11 @@ class BenchClient(asyncio.Protocol):
         self.index = index
         self._dialect = dialect
         self._recorder = recorder
-        self._reader = wire.PacketReader()
+        self._parser = mqtt.Parser(server=False)
         self._transport: asyncio.Transport | None = None
         self._ids = itertools.cycle(range(1, 65536))
         self._pubacks: dict[int, int] = {}
-        self._waiter: asyncio.Future[bytes] | None = None
+        self._waiter: asyncio.Future[mqtt.Packet] | None = None
         self.closing = False
         self.connected = False
         self.sent = 0
@@ -130,15 +131,16 @@ class BenchClient(asyncio.Protocol):
         async with asyncio.timeout(limit_s):
             await loop.create_connection(lambda: self, host, port)
             client_id, username, password = self._dialect.credentials(self.index)
-            connack = await self._request(wire.connect(client_id, username=username, password=password))
-            if len(connack) < 2 or connack[1] != 0:
+            secret = None if password is None else password.encode()
+            connack = await self._request(Connect(client_id, True, 0, username, secret).encode())
+            if not isinstance(connack, Connack) or connack.return_code != mqtt.ACCEPTED:
                 raise ConnectionError(f"CONNACK refused {connack!r} for {client_id}")
-            suback = await self._request(wire.subscribe(1, topics))
-            if b"\x80" in suback[2:]:
+            suback = await self._request(Subscribe(1, tuple((topic, 1) for topic in topics)).encode())
+            if not isinstance(suback, Suback) or mqtt.SUBACK_FAILURE in suback.return_codes:
                 raise ConnectionError(f"SUBSCRIBE refused for {client_id}: {topics}")
         self.connected = True
 
-    async def _request(self, packet: bytes) -> bytes:
+    async def _request(self, packet: bytes) -> mqtt.Packet:
         assert self._transport is not None
         self._waiter = asyncio.get_running_loop().create_future()
         self._transport.write(packet)
@@ -150,18 +152,18 @@ class BenchClient(asyncio.Protocol):
             if abort:
                 self._transport.abort()
             else:
-                self._transport.write(wire.disconnect())
+                self._transport.write(Disconnect().encode())
                 self._transport.close()
 
     # ----------------------------------------------------------- traffic
 
-    def publish(self, topic_part: bytes, msg_id: bytes, payload: bytes) -> None:
+    def publish(self, topic: bytes, msg_id: bytes, payload: bytes) -> None:
         assert self._transport is not None
         pid = next(self._ids)
         now = time.perf_counter_ns()
         self._pubacks[pid] = now
         self._recorder.on_send(msg_id, now)
-        self._transport.write(wire.publish(topic_part, pid, payload))
+        self._transport.write(mqtt.encode_publish(topic, payload, 1, pid))
         self.sent += 1
 
     # ---------------------------------------------------- asyncio.Protocol
@@ -178,22 +180,22 @@ class BenchClient(asyncio.Protocol):
             self._waiter.set_exception(ConnectionError(f"connection {self.index} closed: {exc}"))
 
     def data_received(self, data: bytes) -> None:
-        for kind, flags, body in self._reader.feed(data):
-            if kind == wire.PUBLISH:
-                self._on_publish(flags, body)
-            elif kind == wire.PUBACK:
-                sent = self._pubacks.pop(int.from_bytes(body[:2], "big"), None)
+        self._parser.feed(data)
+        while (packet := self._parser.next()) is not None:
+            if isinstance(packet, Publish):
+                self._on_publish(packet)
+            elif isinstance(packet, Puback):
+                sent = self._pubacks.pop(packet.packet_id, None)
                 if sent is not None:
                     self._recorder.puback_ns.append(time.perf_counter_ns() - sent)
-            elif kind in (wire.CONNACK, wire.SUBACK) and self._waiter is not None and not self._waiter.done():
-                self._waiter.set_result(body)
+            elif isinstance(packet, Connack | Suback) and self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(packet)
 
-    def _on_publish(self, flags: int, body: bytes) -> None:
+    def _on_publish(self, packet: Publish) -> None:
         now = time.perf_counter_ns()
-        _, pid, payload = wire.parse_publish(flags, body)
-        if pid is not None and self._transport is not None:
-            self._transport.write(wire.puback(pid))
-        what, msg_id = self._dialect.classify(payload)
+        if packet.packet_id is not None and self._transport is not None:
+            self._transport.write(mqtt.puback(packet.packet_id))
+        what, msg_id = self._dialect.classify(packet.payload)
         if what == "delivery":
             sender = int(msg_id[: msg_id.index(b".")])
             self._recorder.on_delivery(msg_id, self.index, sender, now)

@@ -106,10 +106,10 @@ async def _drive(
         if scenario.rate > 0:
             state.skipped += want - count
         for _ in range(count):
-            client, topic_part, recipient = next(plan)
+            client, topic, recipient = next(plan)
             if client.connected:
                 msg_id = b"%d.%d" % (client.index, client.sent)
-                client.publish(topic_part, msg_id, dialect.payload(msg_id, client.index, recipient))
+                client.publish(topic, msg_id, dialect.payload(msg_id, client.index, recipient))
                 state.sent += 1
         if state.drop_at is None and now - start >= (end - start) // 2 and scenario.drop:
             state.drop_at = now

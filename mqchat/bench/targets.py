@@ -23,7 +23,6 @@ from pathlib import Path
 
 from sqlalchemy.dialects import postgresql, sqlite
 
-from mqchat.bench import wire
 from mqchat.bench.load import Dialect
 from mqchat.bridge.services import build_services
 from mqchat.bridge.tables import users
@@ -63,7 +62,7 @@ class MqchatDialect:
         return [f"chat/user/{user}", f"chat/device/{user}/d"]
 
     def send_topic(self, sender: int, recipient: int | None) -> bytes:
-        return wire.publish_header(f"chat/in/{self._prefix}{sender}/d".encode())
+        return f"chat/in/{self._prefix}{sender}/d".encode()
 
     def payload(self, msg_id: bytes, sender: int, recipient: int | None) -> bytes:
         if recipient is None:
@@ -103,7 +102,7 @@ class PlainDialect:
 
     def send_topic(self, sender: int, recipient: int | None) -> bytes:
         topic = "bench/group" if recipient is None else f"bench/u{recipient}"
-        return wire.publish_header(topic.encode())
+        return topic.encode()
 
     def payload(self, msg_id: bytes, sender: int, recipient: int | None) -> bytes:
         return _pad(msg_id + b"|", b"", self._size)

@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.client import convert_connack_rc_to_reason_code
 from paho.mqtt.enums import CallbackAPIVersion, ConnackCode
 
+from mqchat.core.mqtt import Connect, Publish, Subscribe
 from mqchat.runner import RunningServer
 from tests.helpers import Device, connect_device, http_client, register
 
@@ -295,40 +296,16 @@ async def test_connack_codes(server: RunningServer) -> None:
     assert results == expected
 
 
-def _packet(first_byte: int, body: bytes) -> bytes:
-    """An MQTT control packet: fixed header with the variable-length remaining length, then ``body``."""
-    length, encoded = len(body), bytearray()
-    while True:
-        length, digit = divmod(length, 128)
-        encoded.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes([first_byte]) + bytes(encoded) + body
-
-
-def _string(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return len(data).to_bytes(2, "big") + data
-
-
 def raw_connect(client_id: str, username: str, password: str) -> bytes:
-    flags = 0x80 | 0x40 | 0x02  # username, password, clean session
-    return _packet(
-        0x10,
-        _string("MQTT")
-        + bytes([4, flags])
-        + (30).to_bytes(2, "big")
-        + _string(client_id)
-        + _string(username)
-        + _string(password),
-    )
+    return Connect(client_id, True, 30, username, password.encode()).encode()
 
 
 def raw_publish_qos1(topic: str, payload: bytes, packet_id: int) -> bytes:
-    return _packet(0x32, _string(topic) + packet_id.to_bytes(2, "big") + payload)
+    return Publish(topic, payload, 1, packet_id=packet_id).encode()
 
 
 def raw_subscribe(topic_filter: str, packet_id: int) -> bytes:
-    return _packet(0x82, packet_id.to_bytes(2, "big") + _string(topic_filter) + bytes([1]))
+    return Subscribe(packet_id, ((topic_filter, 1),)).encode()
 
 
 async def raw_session(server: RunningServer, data: bytes) -> bytes:

@@ -1,4 +1,8 @@
-"""Hand-made MQTT 3.1.1 packets over a raw socket: what a hostile client sends."""
+"""A raw MQTT client over a socket, on the codec (core/mqtt.py): what a hostile client sends.
+
+Well-formed packets come from the codec's encoders; ``packet`` and ``field`` build the
+malformed ones the codec would never write.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,15 @@ import contextlib
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
-CONNACK_ACCEPTED = b"\x20\x02\x00\x00"
-CONNACK_BAD_VERSION = b"\x20\x02\x00\x01"
+from mqchat.core import mqtt
+from mqchat.core.mqtt import Connack, Connect, Publish, Subscribe, encode_length
 
+CONNACK_ACCEPTED = Connack(False, mqtt.ACCEPTED).encode()
+CONNACK_BAD_VERSION = Connack(False, mqtt.UNACCEPTABLE_PROTOCOL).encode()
 
-def encode_length(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        out.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
+__all__ = ["encode_length"]
 
 
 def field(data: bytes | str) -> bytes:
@@ -30,27 +31,38 @@ def packet(first: int, body: bytes) -> bytes:
     return bytes([first]) + encode_length(len(body)) + body
 
 
+def _encodable(text: str | bytes) -> bool:
+    if isinstance(text, bytes):
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def connect(
     client_id: str, username: str | None = None, password: str | None = None, *, name: str = "MQTT", level: int = 4
 ) -> bytes:
+    if (name, level) == ("MQTT", 4) and all(_encodable(t) for t in (client_id, username or "", password or "")):
+        return Connect(client_id, True, 30, username, None if password is None else password.encode()).encode()
+    # Another protocol version: laid out by hand (MQTT 5 adds properties after the keep-alive).
     flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = field(name) + bytes([level, flags]) + struct.pack("!H", 30)
-    if level == 5:
-        body += b"\x00"  # MQTT 5: empty properties
-    body += field(client_id)
-    if username is not None:
-        body += field(username)
-    if password is not None:
-        body += field(password)
-    return packet(0x10, body)
+    body = field(name) + bytes([level, flags]) + struct.pack("!H", 30) + (b"\x00" if level == 5 else b"")
+    body += field(client_id) + (field(username) if username is not None else b"")
+    return packet(0x10, body + (field(password) if password is not None else b""))
 
 
 def publish(topic: str | bytes, payload: bytes, *, qos: int = 1, packet_id: int = 1) -> bytes:
-    body = field(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    if isinstance(topic, str) and _encodable(topic) and mqtt.valid_topic_name(topic):
+        return Publish(topic, payload, qos, packet_id=packet_id if qos else None).encode()
+    body = field(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload  # deliberately malformed
     return packet(0x30 | (qos << 1), body)
 
 
 def subscribe(topic: str | bytes, *, packet_id: int = 1, qos: int = 1) -> bytes:
+    if isinstance(topic, str) and _encodable(topic) and mqtt.valid_topic_filter(topic) and qos <= 2:
+        return Subscribe(packet_id, ((topic, qos),)).encode()
     return packet(0x82, struct.pack("!H", packet_id) + field(topic) + bytes([qos]))
 
 
@@ -58,23 +70,33 @@ def subscribe(topic: str | bytes, *, packet_id: int = 1, qos: int = 1) -> bytes:
 class RawClient:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    parser: mqtt.Parser = dataclass_field(default_factory=lambda: mqtt.Parser(server=False))
+    _packets: list[bytes] = dataclass_field(default_factory=list)
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
         await self.writer.drain()
 
     async def read_packet(self, timeout: float = 5) -> bytes:
-        """One whole packet, or b"" when the server closes the connection."""
+        """One whole packet as bytes, or b"" when the server closes the connection."""
         async with asyncio.timeout(timeout):
             try:
                 first = await self.reader.readexactly(1)
                 length_bytes = b""
                 while not length_bytes or length_bytes[-1] & 0x80:
                     length_bytes += await self.reader.readexactly(1)
-                length = sum((b & 0x7F) << (7 * i) for i, b in enumerate(length_bytes))
+                length, _ = mqtt._read_length(length_bytes, 0, len(length_bytes))
                 return first + length_bytes + await self.reader.readexactly(length)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return b""
+
+    async def next_packet(self, timeout: float = 5) -> mqtt.Packet | None:
+        """The next packet, parsed by the codec; None when the server closes the connection."""
+        raw = await self.read_packet(timeout)
+        if not raw:
+            return None
+        self.parser.feed(raw)
+        return self.parser.next()
 
     async def next_of(self, first_byte: int, timeout: float = 5) -> bytes:
         """The next packet starting with ``first_byte`` (e.g. 0x90, SUBACK), skipping others."""
@@ -87,15 +109,15 @@ class RawClient:
                 await self.acknowledge(received)
 
     async def acknowledge(self, received: bytes) -> None:
-        """PUBACK a QoS 1 PUBLISH: amqtt holds a connection's other work until it gets one."""
-        if received[0] >> 4 != 3 or (received[0] >> 1) & 3 != 1:
+        """PUBACK a QoS 1 PUBLISH, as a client must."""
+        if received[0] >> 4 != mqtt.PUBLISH or (received[0] >> 1) & 3 != 1:
             return
-        start = 2
-        while received[start - 1] & 0x80:
-            start += 1
-        (topic_length,) = struct.unpack_from("!H", received, start)
-        packet_id = received[start + 2 + topic_length : start + 4 + topic_length]
-        await self.send(b"\x40\x02" + packet_id)
+        parser = mqtt.Parser(server=False)
+        parser.feed(CONNACK_ACCEPTED + received)
+        parser.next()
+        delivered = parser.next()
+        assert isinstance(delivered, Publish) and delivered.packet_id is not None
+        await self.send(mqtt.puback(delivered.packet_id))
 
     async def closed(self, timeout: float = 5) -> bool:
         """True once the server has closed the connection (whatever it sent before)."""

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from mqchat.config import Settings
 from mqchat.runner import RunningServer
 from tests.helpers import connect_device, http_client, register
 from tests.security.raw import connect, encode_length, field, packet, publish, subscribe
@@ -36,6 +37,13 @@ RSS_GROWTH_LIMIT_MB = 96
 SEED = int(os.environ.get("MQCHAT_FUZZ_SEED", "20261127"))
 FIELDS = ["type", "client_msg_id", "to_user", "group_id", "content", "seq", "message_id", "since_seq", "limit", "state"]
 TYPES = ["send_message", "send_group_message", "sync_messages", "ack", "mark_as_read", "recall_message", "typing"]
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Every fuzzing connection uses a device id of its own: the device-id budget is not under test."""
+    limits = settings.limits.model_copy(update={"max_new_devices_per_hour": 100_000})
+    return settings.model_copy(update={"limits": limits})
 
 
 def rss_mb() -> float:
