@@ -85,18 +85,8 @@ class MessagePublic(BaseModel):
 
     @classmethod
     def of(cls, message: StoredMessage) -> MessagePublic:
-        recalled = message.recalled_at is not None
-        return cls(
-            server_msg_id=message.id,
-            client_msg_id=message.client_msg_id,
-            from_user=message.sender,
-            to_user=message.to_user,
-            group_id=message.group_id,
-            content=None if recalled else message.content,
-            msg_type=message.msg_type,
-            created_at=format_time(message.created_at),
-            recalled_at=format_time(message.recalled_at) if message.recalled_at else None,
-        )
+        # The same fields as a ``new_message`` event, from the one definition.
+        return cls(**message.public_fields())
 
 
 class ConversationPublic(BaseModel):

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.ratelimit import TokenBuckets
 from mqchat.bridge.service import ChatService
-from mqchat.bridge.sql import SqlStore
+from mqchat.bridge.storage import SqlStore
+from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
 
 
 @dataclass(frozen=True)
 class Services:
     settings: Settings
-    store: SqlStore
+    store: MessageStore
     accounts: Accounts
     chat: ChatService
     event_keys: EventKeys
@@ -33,7 +34,7 @@ class Services:
 @asynccontextmanager
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlStore.from_url(settings.resolved_database_url())
+    store: MessageStore = SqlStore.from_url(settings.resolved_database_url())
     try:
         await store.create_schema()
         secret = settings.resolved_secret()

@@ -10,7 +10,7 @@ import asyncio
 import random
 from collections import Counter
 
-from mqchat.bridge.sql import SqlStore
+from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import SendOutcome, SendRequest
 
 USERS = ["ann", "ben", "cat", "dan"]
