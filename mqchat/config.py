@@ -104,6 +104,13 @@ class TlsSettings(_Section):
         return self
 
 
+class DatabaseSettings(_Section):
+    auto_migrate: bool = True
+    """Apply pending schema migrations when a command starts (under a database lock). False:
+    refuse to start on an older schema until ``mqchat db upgrade`` has run, e.g. to migrate
+    a cluster's database once, on purpose, before starting new nodes."""
+
+
 class BridgeSettings(_Section):
     queue_size: int = Field(default=10_000, ge=1)
     """Commands waiting to be stored; beyond it a send gets ``server_busy`` (retry)."""
@@ -125,7 +132,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("./mqchat-data")
     database_url: str | None = None
-    """SQLAlchemy async URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
+    """SQLAlchemy URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
+    database: DatabaseSettings = DatabaseSettings()
     log_level: str = "INFO"
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """``auto``: uvloop when it is installed (``pip install mqchat[fast]``), else asyncio's own."""

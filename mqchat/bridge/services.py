@@ -34,9 +34,12 @@ class Services:
 @asynccontextmanager
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store: MessageStore = SqlStore.from_url(settings.resolved_database_url())
+    sql = SqlStore.from_url(settings.resolved_database_url())
+    store: MessageStore = sql
     try:
-        await store.create_schema()
+        # Pending migrations are applied under a database lock, so nodes starting together
+        # are safe; a schema newer than this code is refused (SchemaError).
+        await sql.migrate(apply=settings.database.auto_migrate)
         secret = settings.resolved_secret()
         tokens = TokenIssuer(secret, settings.auth.token_ttl_seconds)
         event_keys = EventKeys(secret)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
-
 from mqchat.bridge.storage.accounts import AccountsStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
 from mqchat.bridge.storage.recall import RecallStore
 from mqchat.bridge.storage.receipts import ReceiptsStore
+from mqchat.bridge.storage.schema import SchemaState, migrate, state
 from mqchat.bridge.storage.sends import SendsStore
-from mqchat.bridge.tables import METADATA
 
 
 class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, ConversationsStore, GroupsStore):
@@ -26,11 +24,16 @@ class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, Conversati
         return self.db
 
     async def create_schema(self) -> None:
-        def create(conn: Connection) -> None:
-            with conn.begin():
-                METADATA.create_all(conn)
+        """Apply the pending migrations (schema.py)."""
+        await self.migrate()
 
-        await self.db.run_schema(create)
+    async def migrate(self, *, apply: bool = True) -> SchemaState:
+        """Bring the schema to the head revision under the migration lock (``apply=False``:
+        only check that it is there); returns the state found. Raises ``SchemaError``."""
+        return await self.db.run_schema(lambda conn: migrate(conn, apply=apply))
+
+    async def schema_state(self) -> SchemaState:
+        return await self.db.run_schema(state)
 
     async def ping(self) -> None:
         await self.db.run("ping", ping)
