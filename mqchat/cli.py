@@ -170,6 +170,7 @@ async def _token(settings: Settings, user_id: str, ttl: int | None, device_id: s
 
 
 async def _db(settings: Settings, command: str) -> str:
+    settings.prepare_data_dir()
     store = SqlStore.from_url(settings.resolved_database_url())
     try:
         if command == "upgrade":

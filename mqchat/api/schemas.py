@@ -21,6 +21,16 @@ class Credentials(BaseModel):
     password: Password
 
 
+class Registration(Credentials):
+    registration_token: str | None = Field(default=None, max_length=256)
+    """Needed when the server's ``auth.registration`` is ``token``."""
+
+
+class PasswordChange(BaseModel):
+    old_password: Annotated[str, StringConstraints(max_length=MAX_PASSWORD)]
+    new_password: Password
+
+
 class TokenRequest(Credentials):
     device_id: UserIdStr | None = None
     """Scope the token to this device: it then works only for the MQTT client id

@@ -65,6 +65,9 @@ class SessionControl(Protocol):
     async def close_device(self, device: DeviceAddress) -> bool:
         """Close the device's live MQTT connection; False if it had none."""
 
+    async def close_user(self, user_id: str) -> int:
+        """Close every live MQTT connection of the user; how many there were."""
+
 
 @dataclass(slots=True)
 class _Pending:
@@ -159,6 +162,16 @@ class ChatService:
     async def close_device(self, device: DeviceAddress) -> bool:
         """End the device's live MQTT connection, if it has one (device revocation)."""
         return self._sessions is not None and await self._sessions.close_device(device)
+
+    async def close_user(self, user_id: str) -> int:
+        """End every live MQTT connection of the user (log out everywhere, password change)."""
+        if self._sessions is None:
+            return 0
+        if hasattr(self._sessions, "close_user"):
+            return await self._sessions.close_user(user_id)
+        # A broker without close_user yet: its connected devices, one by one.
+        devices = [DeviceAddress(user_id, device_id) for device_id in self.presence.devices_of(user_id)]
+        return sum([await self._sessions.close_device(device) for device in devices])
 
     async def start(self) -> None:
         if self._worker is None:

@@ -33,7 +33,7 @@ class Services:
 
 @asynccontextmanager
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.prepare_data_dir()
     sql = SqlStore.from_url(settings.resolved_database_url())
     store: MessageStore = sql
     try:

@@ -112,7 +112,7 @@ class AccountStore(Protocol):
     """Users, password hashes and token revocations."""
 
     async def create_user(self, user_id: str, password_hash: str) -> None:
-        """Raise ``UserExists`` if the id is taken."""
+        """Raise ``UserExists`` if the id is taken, also by an id that differs only in case."""
 
     async def get_password_hash(self, user_id: str) -> str | None: ...
 
@@ -121,6 +121,17 @@ class AccountStore(Protocol):
 
     async def device_revoked_at(self, user_id: str, device_id: str) -> int | None:
         """When the device was last revoked (ms since the epoch), or None."""
+
+    async def tokens_refused_upto(self, user_id: str, device_id: str | None) -> int | None:
+        """Tokens issued at or before this time (ms) are refused: the later of the user's last
+        "log out everywhere" (or password change) and, for a device, its last revocation.
+        None when neither happened. One query: it runs at every CONNECT and HTTP request."""
+
+    async def revoke_all_tokens(self, user_id: str, at_ms: int) -> None:
+        """Refuse, from now on, every token of the user issued at or before ``at_ms``."""
+
+    async def set_password(self, user_id: str, password_hash: str, at_ms: int) -> None:
+        """Replace the password hash and refuse every token issued at or before ``at_ms``."""
 
     async def create_users(self, password_hashes: dict[str, str]) -> None:
         """Create many users at once, skipping ids that exist (benchmarks and imports)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mqchat.bridge.storage.base import StoreBase
@@ -16,6 +16,17 @@ _REVOKED_AT = select(device_revocations.c.revoked_at_ms).where(
     device_revocations.c.user_id == bindparam("uid"), device_revocations.c.device_id == bindparam("did")
 )
 _PASSWORD_HASH = select(users.c.password_hash).where(users.c.user_id == bindparam("uid"))
+# Runs at every MQTT CONNECT and HTTP request: one statement, built once.
+_REFUSED_UPTO = (
+    select(users.c.tokens_valid_after_ms, device_revocations.c.revoked_at_ms)
+    .select_from(
+        users.outerjoin(
+            device_revocations,
+            and_(device_revocations.c.user_id == users.c.user_id, device_revocations.c.device_id == bindparam("did")),
+        )
+    )
+    .where(users.c.user_id == bindparam("uid"))
+)
 
 
 class AccountsStore(StoreBase):
@@ -25,7 +36,8 @@ class AccountsStore(StoreBase):
             try:
                 conn.execute(insert(users), row)
             except IntegrityError as exc:
-                raise UserExists(f"user {user_id!r} already exists") from exc
+                # The id itself, or one differing only in case (uq_users_user_id_lower).
+                raise UserExists(f"user {user_id!r} already exists (ids differing only in case count as one)") from exc
 
         await self.db.run("create_user", txn, write=True)
 
@@ -61,3 +73,32 @@ class AccountsStore(StoreBase):
 
         found = await self.db.run("device_revoked_at", txn)
         return None if found is None else int(found)
+
+    async def tokens_refused_upto(self, user_id: str, device_id: str | None) -> int | None:
+        def txn(conn: Connection) -> Any:
+            return conn.execute(_REFUSED_UPTO, {"uid": user_id, "did": device_id}).one_or_none()
+
+        row = await self.db.run("tokens_refused_upto", txn)
+        if row is None:
+            return None
+        found = [int(ms) for ms in row if ms]
+        return max(found) if found else None
+
+    async def revoke_all_tokens(self, user_id: str, at_ms: int) -> None:
+        await self.db.run("revoke_all_tokens", lambda conn: self._tokens_valid_after(conn, user_id, at_ms), write=True)
+
+    async def set_password(self, user_id: str, password_hash: str, at_ms: int) -> None:
+        def txn(conn: Connection) -> None:
+            conn.execute(update(users).where(users.c.user_id == user_id).values(password_hash=password_hash))
+            self._tokens_valid_after(conn, user_id, at_ms)
+
+        await self.db.run("set_password", txn, write=True)
+
+    def _tokens_valid_after(self, conn: Connection, user_id: str, at_ms: int) -> None:
+        column = users.c.tokens_valid_after_ms
+        stmt = (
+            update(users)
+            .where(users.c.user_id == user_id)
+            .values(tokens_valid_after_ms=self.sql.greatest(column, at_ms))
+        )
+        conn.execute(stmt)

@@ -128,7 +128,7 @@ def _private_file(path: Path) -> None:
 
     SQLite gives the ``-wal`` and ``-shm`` files it creates the mode of the database
     file, so they follow. An existing file is narrowed, with its companions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
