@@ -1,12 +1,15 @@
-"""Accounts, access tokens, device revocation and login throttling.
+"""Accounts, access tokens, revocation, and the throttles of logins and registrations.
 
 Passwords are hashed with argon2id (in a worker thread: a hash takes tens of
-milliseconds of CPU and must not stall the event loop). Access tokens are HS256
+milliseconds of CPU and must not stall the event loop), a bounded number at once
+(``HashingGate``). Access tokens are HS256
 JWTs carrying the user id, an expiry, the issue time in milliseconds and, when the
 token was asked for one device, that device (``dev``). A device-scoped token is
 accepted only for that device's MQTT client id. Revoking a device refuses every
 token issued before the revocation when it is used for that device, whether the
 token was scoped to it or not (an unscoped token could otherwise reconnect it).
+Logging out everywhere (or changing the password) refuses every token of the user
+issued before it, on any device.
 """
 
 from __future__ import annotations
