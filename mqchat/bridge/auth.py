@@ -36,6 +36,7 @@ from mqchat.core.errors import (
     RateLimited,
     RegistrationClosed,
     ServerBusy,
+    StorageUnavailable,
 )
 from mqchat.core.ids import check_id
 from mqchat.core.origin import event_key, sign
@@ -192,6 +193,13 @@ class LoginThrottle:
         if client_ip:
             self._ip.discard(client_ip, stamp)
 
+    def release(self, user_id: str, client_ip: str | None, stamp: float) -> None:
+        """Take back a reservation whose password was never checked (the server was busy or
+        the database failed): it is not a failed guess."""
+        self._user.discard(user_id, stamp)
+        if client_ip:
+            self._ip.discard(client_ip, stamp)
+
 
 class HashingGate:
     """At most ``concurrency`` password hashes at once and ``queue`` waiting for a slot.
@@ -270,10 +278,15 @@ class Accounts:
 
     async def _verify_login(self, user_id: str, password: str, client_ip: str | None) -> None:
         stamp = self._throttle.reserve(user_id, client_ip)
-        digest = await self._store.get_password_hash(user_id)
-        # An unknown user costs the same hash as a wrong password, so timing does not
-        # reveal which user ids exist.
-        if not await self._hashing.run(self._verify, digest, password):
+        try:
+            digest = await self._store.get_password_hash(user_id)
+            # An unknown user costs the same hash as a wrong password, so timing does not
+            # reveal which user ids exist.
+            ok = await self._hashing.run(self._verify, digest, password)
+        except (ServerBusy, StorageUnavailable):
+            self._throttle.release(user_id, client_ip, stamp)
+            raise
+        if not ok:
             raise InvalidCredentials("wrong user id or password")
         self._throttle.succeeded(user_id, client_ip, stamp)
 

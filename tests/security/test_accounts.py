@@ -181,6 +181,20 @@ async def test_concurrent_hashing_is_bounded(settings: Settings) -> None:
         assert set(codes) <= {401, 503} and codes.count(503) >= 1 and codes.count(401) >= 3, codes
 
 
+async def test_a_login_refused_for_a_busy_server_is_not_a_failed_guess(settings: Settings) -> None:
+    busy = with_auth(settings, password_hash_concurrency=1, password_hash_queue=0, login_max_failures_per_ip=4)
+    async with run_server(busy) as server:
+        await register(server, "alice")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as http:
+            body = {"user_id": "alice", "password": PASSWORD}
+            answers = await asyncio.gather(*(http.post("/v1/token", json=body) for _ in range(4)))
+            assert sorted(a.status_code for a in answers) == [200, 503, 503, 503]
+            # The three refused as busy were never checked: the address still has all 4 tries.
+            for i in range(4):
+                wrong = await http.post("/v1/token", json={"user_id": f"u{i}", "password": "wrong-password"})
+                assert wrong.status_code == 401, wrong.text
+
+
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
