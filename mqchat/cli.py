@@ -1,4 +1,4 @@
-"""``mqchat serve | user add | token | bench``."""
+"""``mqchat serve | user add | token | db upgrade | db current | bench``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from pydantic import ValidationError
 from mqchat import __version__
 from mqchat.bench import command as bench_command
 from mqchat.bridge.services import build_services
+from mqchat.bridge.storage import SqlStore
+from mqchat.bridge.storage.schema import SchemaError
 from mqchat.clients.terminal import add_chat_arguments, run_chat
 from mqchat.config import Settings
 from mqchat.core.errors import ChatError
@@ -57,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
     token.add_argument("--device", help="scope the token to this device id (default: any device of the user)")
+    db = commands.add_parser("db", help="the database schema (migrations)")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    _common(db_commands.add_parser("upgrade", help="apply the pending schema migrations (under a database lock)"))
+    _common(db_commands.add_parser("current", help="print the schema revision of the database"))
     bench_command.add_parser(commands)
 
     chat = commands.add_parser("chat", help="chat in the terminal, as a client of a running server")
@@ -163,6 +169,26 @@ async def _token(settings: Settings, user_id: str, ttl: int | None, device_id: s
         return services.tokens.issue(user_id, ttl, device_id=device_id)
 
 
+async def _db(settings: Settings, command: str) -> str:
+    settings.prepare_data_dir()
+    store = SqlStore.from_url(settings.resolved_database_url())
+    try:
+        if command == "upgrade":
+            found = await store.migrate()
+            if found.up_to_date:
+                return f"the database is at {found.head} (head): nothing to do"
+            return f"upgraded the database from {found.current or 'empty'} to {found.head} (head)"
+        found = await store.schema_state()
+        if found.up_to_date:
+            return f"{found.head} (head)"
+        current = {None: "none (empty database)", "legacy": "legacy (tables from before migrations)"}.get(
+            found.current, found.current
+        )
+        return f"{current}; this mqchat's head is {found.head}: run `mqchat db upgrade`"
+    finally:
+        await store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "bench":
@@ -176,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection at INFO; keep our INFO readable.
-    for noisy in ("amqtt", "transitions", "websockets"):
+    for noisy in ("amqtt", "transitions", "websockets", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if args.command == "serve":
@@ -188,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"created user {args.user_id}")
         elif args.command == "token":
             print(asyncio.run(_token(settings, args.user_id, args.ttl, args.device)))
-    except (PortInUse, ConfigError) as exc:
+        elif args.command == "db":
+            print(asyncio.run(_db(settings, args.db_command)))
+    except (PortInUse, ConfigError, SchemaError) as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
     except ChatError as exc:

@@ -51,6 +51,24 @@ class AuthSettings(_Section):
     login_max_failures_per_ip: int = Field(default=30, ge=1)
     """Failed logins from one client address (any user ids) within the window before 429."""
     login_window_seconds: float = Field(default=300, gt=0)
+    registration: Literal["open", "closed", "token"] = "open"
+    """Who may create an account over ``POST /v1/users``: anyone; nobody (``mqchat user add``
+    still works); or whoever sends ``registration_token``. Refusals: 403 ``registration_closed``."""
+    registration_token: str | None = None
+    """The shared secret ``registration = "token"`` asks for."""
+    registrations_per_ip_per_hour: int = Field(default=10, ge=1)
+    """Registrations one client address may attempt in an hour; beyond it 429 ``rate_limited``."""
+    password_hash_concurrency: int = Field(default=2, ge=1)
+    """Password hashes (argon2, tens of ms of CPU each) computed at once for logins, registrations
+    and password changes."""
+    password_hash_queue: int = Field(default=16, ge=0)
+    """Requests that may wait for a hashing slot; beyond it 503 ``server_busy`` at once."""
+
+    @model_validator(mode="after")
+    def _token_for_token_registration(self) -> AuthSettings:
+        if self.registration == "token" and not self.registration_token:
+            raise ValueError('auth.registration = "token" needs auth.registration_token')
+        return self
 
 
 class LimitsSettings(_Section):
@@ -129,6 +147,13 @@ class TlsSettings(_Section):
         return self
 
 
+class DatabaseSettings(_Section):
+    auto_migrate: bool = True
+    """Apply pending schema migrations when a command starts (under a database lock). False:
+    refuse to start on an older schema until ``mqchat db upgrade`` has run, e.g. to migrate
+    a cluster's database once, on purpose, before starting new nodes."""
+
+
 class BridgeSettings(_Section):
     queue_size: int = Field(default=10_000, ge=1)
     """Commands waiting to be stored; beyond it a send gets ``server_busy`` (retry)."""
@@ -150,7 +175,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("./mqchat-data")
     database_url: str | None = None
-    """SQLAlchemy async URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
+    """SQLAlchemy URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
+    database: DatabaseSettings = DatabaseSettings()
     log_level: str = "INFO"
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """``auto``: uvloop when it is installed (``pip install mqchat[fast]``), else asyncio's own."""
@@ -186,14 +212,23 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'mqchat.db').resolve()}"
 
+    def prepare_data_dir(self) -> None:
+        """Create the data directory readable by its owner only (it holds the database and the
+        signing key), and narrow an existing one."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.data_dir.stat().st_mode & 0o077:
+            self.data_dir.chmod(0o700)
+
     def resolved_secret(self) -> str:
         """The token signing key: configured, or generated once and kept in the data dir."""
         if self.auth.secret:
             return self.auth.secret
         path = self.data_dir / "secret.key"
         if path.exists():
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)  # a key copied in with a looser mode
             return path.read_text().strip()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare_data_dir()
         key = secrets.token_urlsafe(48)
         # Create with 0600 from the start so the key is never world-readable.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

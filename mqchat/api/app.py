@@ -18,7 +18,6 @@ from mqchat.api.schemas import (
     ClientConfig,
     ConversationList,
     ConversationPublic,
-    Credentials,
     GroupCreate,
     GroupList,
     GroupPublic,
@@ -26,9 +25,11 @@ from mqchat.api.schemas import (
     HistoryPage,
     MemberAdd,
     MessagePublic,
+    PasswordChange,
     ReadBody,
     ReceiptList,
     ReceiptPublic,
+    Registration,
     SendBody,
     Token,
     TokenRequest,
@@ -118,9 +119,21 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         await services.store.ping()
         return Health()
 
-    @app.post("/v1/users", status_code=201, tags=["accounts"])
-    async def register(body: Credentials, services: ServicesDep) -> UserPublic:
-        await services.accounts.register(body.user_id, body.password)
+    @app.post(
+        "/v1/users",
+        status_code=201,
+        tags=["accounts"],
+        responses={403: {"description": "Registration closed"}, 429: {"description": "Too many registrations"}},
+    )
+    async def register(body: Registration, request: Request, services: ServicesDep) -> UserPublic:
+        """Create an account, as ``auth.registration`` allows: 403 ``registration_closed`` when
+        closed or without the right ``registration_token``; 429 ``rate_limited`` beyond
+        ``auth.registrations_per_ip_per_hour`` from one address. A user id that differs only in
+        case from an existing one is taken (409 ``user_exists``)."""
+        client_ip = request.client.host if request.client else None
+        await services.accounts.sign_up(
+            body.user_id, body.password, client_ip=client_ip, registration_token=body.registration_token
+        )
         return UserPublic(user_id=body.user_id)
 
     @app.post("/v1/token", tags=["accounts"], responses={429: {"description": "Too many failed logins"}})
@@ -149,6 +162,28 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         await services.accounts.revoke_device(user, device_id)
         await services.chat.close_device(DeviceAddress(user, device_id))
         return Response(status_code=204)
+
+    @app.post("/v1/logout-all", status_code=204, tags=["accounts"])
+    async def logout_all(user: UserDep, services: ServicesDep) -> Response:
+        """Log out everywhere: every token of yours issued before now is refused (MQTT and HTTP,
+        refresh included) and your live MQTT connections are closed. Log in again for a new one."""
+        await services.accounts.log_out_everywhere(user)
+        await services.chat.close_user(user)
+        return Response(status_code=204)
+
+    @app.post("/v1/password", tags=["accounts"], responses={429: {"description": "Too many failed attempts"}})
+    async def change_password(
+        body: PasswordChange, claims: ClaimsDep, request: Request, services: ServicesDep
+    ) -> Token:
+        """Change your password, given the current one (throttled like a login). Every token
+        issued before now is refused and your live MQTT connections are closed; the answer
+        carries a fresh token with the same device scope as the one used."""
+        client_ip = request.client.host if request.client else None
+        access = await services.accounts.change_password(
+            claims, body.old_password, body.new_password, client_ip=client_ip
+        )
+        await services.chat.close_user(claims.user_id)
+        return _token(services, access, claims.user_id, claims.device_id)
 
     @app.post("/v1/messages", tags=["messages"], responses={429: {"description": "Sending too fast"}})
     async def send(body: SendBody, claims: ClaimsDep, services: ServicesDep) -> MessageAck:

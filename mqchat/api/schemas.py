@@ -21,6 +21,16 @@ class Credentials(BaseModel):
     password: Password
 
 
+class Registration(Credentials):
+    registration_token: str | None = Field(default=None, max_length=256)
+    """Needed when the server's ``auth.registration`` is ``token``."""
+
+
+class PasswordChange(BaseModel):
+    old_password: Annotated[str, StringConstraints(max_length=MAX_PASSWORD)]
+    new_password: Password
+
+
 class TokenRequest(Credentials):
     device_id: UserIdStr | None = None
     """Scope the token to this device: it then works only for the MQTT client id
@@ -85,18 +95,8 @@ class MessagePublic(BaseModel):
 
     @classmethod
     def of(cls, message: StoredMessage) -> MessagePublic:
-        recalled = message.recalled_at is not None
-        return cls(
-            server_msg_id=message.id,
-            client_msg_id=message.client_msg_id,
-            from_user=message.sender,
-            to_user=message.to_user,
-            group_id=message.group_id,
-            content=None if recalled else message.content,
-            msg_type=message.msg_type,
-            created_at=format_time(message.created_at),
-            recalled_at=format_time(message.recalled_at) if message.recalled_at else None,
-        )
+        # The same fields as a ``new_message`` event, from the one definition.
+        return cls(**message.public_fields())
 
 
 class ConversationPublic(BaseModel):

@@ -18,14 +18,10 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mqchat.bench.load import Dialect
 from mqchat.bridge.services import build_services
-from mqchat.bridge.tables import users
 from mqchat.config import Settings
 
 # ------------------------------------------------------------------ dialects
@@ -184,17 +180,7 @@ async def _stop(proc: subprocess.Popen[bytes], limit_s: float = 30) -> None:
 async def register(settings: Settings, prefix: str, count: int, group_size: int) -> tuple[list[str], str | None]:
     """Create ``count`` users straight in the store (no argon2), a group, and their tokens."""
     async with build_services(settings) as services:
-        engine = services.store.engine
-        dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-        now = datetime.now(UTC)
-        rows = [
-            {"user_id": f"{prefix}{i}", "password_hash": "!bench", "last_seq": 0, "created_at": now}
-            for i in range(count)
-        ]
-        async with engine.begin() as conn:
-            for start in range(0, len(rows), 2000):
-                stmt = dialect_insert(users).on_conflict_do_nothing(index_elements=["user_id"])
-                await conn.execute(stmt, rows[start : start + 2000])
+        await services.store.create_users({f"{prefix}{i}": "!bench" for i in range(count)})
         group_id = None
         if group_size > 1:
             members = [f"{prefix}{i}" for i in range(group_size)]

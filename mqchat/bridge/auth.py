@@ -1,29 +1,43 @@
-"""Accounts, access tokens, device revocation and login throttling.
+"""Accounts, access tokens, revocation, and the throttles of logins and registrations.
 
 Passwords are hashed with argon2id (in a worker thread: a hash takes tens of
-milliseconds of CPU and must not stall the event loop). Access tokens are HS256
+milliseconds of CPU and must not stall the event loop), a bounded number at once
+(``HashingGate``). Access tokens are HS256
 JWTs carrying the user id, an expiry, the issue time in milliseconds and, when the
 token was asked for one device, that device (``dev``). A device-scoped token is
 accepted only for that device's MQTT client id. Revoking a device refuses every
 token issued before the revocation when it is used for that device, whether the
 token was scoped to it or not (an unscoped token could otherwise reconnect it).
+Logging out everywhere (or changing the password) refuses every token of the user
+issued before it, on any device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from mqchat.bridge.store import MessageStore
+from mqchat.bridge.store import AccountStore
 from mqchat.config import AuthSettings
-from mqchat.core.errors import InvalidCommand, InvalidCredentials, InvalidToken, RateLimited
+from mqchat.core.errors import (
+    InvalidCommand,
+    InvalidCredentials,
+    InvalidToken,
+    RateLimited,
+    RegistrationClosed,
+    ServerBusy,
+    StorageUnavailable,
+)
 from mqchat.core.ids import check_id
 from mqchat.core.origin import event_key, sign
 
@@ -31,6 +45,7 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 256
 _ALGORITHM = "HS256"
 _AUDIENCE = "mqchat"
+_T = TypeVar("_T")
 
 
 def now_ms() -> int:
@@ -107,107 +122,188 @@ class EventKeys:
         return sign(self.key_for(user_id), payload)
 
 
+class SlidingWindow:
+    """Events per key within a sliding window of ``window`` seconds, at most ``limit`` each.
+
+    Memory is bounded: at most ``max_keys`` keys are remembered, the least recently used
+    go first."""
+
+    def __init__(self, limit: int, window: float, max_keys: int = 100_000) -> None:
+        self._limit = limit
+        self._window = window
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()
+        self._max_keys = max_keys
+
+    def wait(self, key: str, now: float) -> float:
+        """Seconds until one more event for ``key`` fits; 0 if it fits now."""
+        events = self._events.get(key)
+        if events is None:
+            return 0.0
+        while events and events[0] <= now - self._window:
+            events.popleft()
+        if len(events) < self._limit:
+            return 0.0
+        # Allowed again when enough of the oldest events have left the window.
+        return events[len(events) - self._limit] + self._window - now
+
+    def add(self, key: str, now: float) -> None:
+        events = self._events.pop(key, None) or deque(maxlen=self._limit)
+        events.append(now)
+        self._events[key] = events  # re-inserted: most recent last
+        while len(self._events) > self._max_keys:
+            self._events.popitem(last=False)
+
+    def discard(self, key: str, stamp: float) -> None:
+        """Forget one event (a reservation that turned out not to count)."""
+        events = self._events.get(key)
+        if events is not None and stamp in events:
+            events.remove(stamp)
+
+    def clear(self, key: str) -> None:
+        self._events.pop(key, None)
+
+
 class LoginThrottle:
     """Failed logins per user id and per client address in a sliding window.
 
-    Checked before the password, so a throttled attacker learns nothing more; a
-    success clears the user id's failures (not the address's). Memory is bounded:
-    at most ``max_keys`` keys are remembered, the least recently failed go first.
+    An attempt is counted **before** the password is hashed (``reserve``), as if it were
+    going to fail: 60 concurrent guesses then get at most ``login_max_failures`` hashes,
+    the rest 429 at once. A success takes its reservation back and clears the user id's
+    failures (not the address's others). A throttled attacker learns nothing more.
     """
 
     def __init__(self, settings: AuthSettings, max_keys: int = 100_000) -> None:
-        self._window = settings.login_window_seconds
-        self._limits = {"user": settings.login_max_failures, "ip": settings.login_max_failures_per_ip}
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
-        self._max_keys = max_keys
+        window = settings.login_window_seconds
+        self._user = SlidingWindow(settings.login_max_failures, window, max_keys)
+        self._ip = SlidingWindow(settings.login_max_failures_per_ip, window, max_keys)
 
-    def _keys(self, user_id: str, client_ip: str | None) -> list[tuple[str, str]]:
-        keys = [("user", user_id)]
-        if client_ip:
-            keys.append(("ip", client_ip))
-        return keys
-
-    def check(self, user_id: str, client_ip: str | None) -> None:
-        """Raise ``RateLimited`` if this user id or address has failed too often lately."""
+    def reserve(self, user_id: str, client_ip: str | None) -> float:
+        """Count an attempt, or raise ``RateLimited``; returns the reservation's stamp."""
         now = time.monotonic()
-        waits = [self._wait(key, now) for key in self._keys(user_id, client_ip)]
-        wait = max(waits)
+        wait = max(self._user.wait(user_id, now), self._ip.wait(client_ip, now) if client_ip else 0.0)
         if wait > 0:
             raise RateLimited("too many failed logins; try again later", retry_after=wait)
+        self._user.add(user_id, now)
+        if client_ip:
+            self._ip.add(client_ip, now)
+        return now
 
-    def _wait(self, key: tuple[str, str], now: float) -> float:
-        failures = self._failures.get(key)
-        if failures is None:
-            return 0.0
-        while failures and failures[0] <= now - self._window:
-            failures.popleft()
-        if len(failures) < self._limits[key[0]]:
-            return 0.0
-        # Allowed again when enough of the oldest failures have left the window.
-        return failures[len(failures) - self._limits[key[0]]] + self._window - now
+    def succeeded(self, user_id: str, client_ip: str | None, stamp: float) -> None:
+        self._user.clear(user_id)
+        if client_ip:
+            self._ip.discard(client_ip, stamp)
 
-    def failed(self, user_id: str, client_ip: str | None) -> None:
-        now = time.monotonic()
-        for key in self._keys(user_id, client_ip):
-            failures = self._failures.pop(key, None) or deque(maxlen=self._limits[key[0]])
-            failures.append(now)
-            self._failures[key] = failures  # re-inserted: most recent last
-        while len(self._failures) > self._max_keys:
-            self._failures.popitem(last=False)
+    def release(self, user_id: str, client_ip: str | None, stamp: float) -> None:
+        """Take back a reservation whose password was never checked (the server was busy or
+        the database failed): it is not a failed guess."""
+        self._user.discard(user_id, stamp)
+        if client_ip:
+            self._ip.discard(client_ip, stamp)
 
-    def succeeded(self, user_id: str) -> None:
-        self._failures.pop(("user", user_id), None)
+
+class HashingGate:
+    """At most ``concurrency`` password hashes at once and ``queue`` waiting for a slot.
+
+    argon2 costs tens of milliseconds of CPU: without a bound, a burst of logins queues
+    hashes without end and a real login waits behind all of them (8 s behind 60 guesses).
+    Beyond the queue the request is refused at once with ``server_busy``."""
+
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._capacity = concurrency + queue
+        self._pending = 0
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._pending >= self._capacity:
+            raise ServerBusy("too many password checks at once; try again in a moment")
+        self._pending += 1
+        try:
+            async with self._slots:
+                return await asyncio.to_thread(fn, *args)
+        finally:
+            self._pending -= 1
 
 
 class Accounts:
-    def __init__(self, store: MessageStore, tokens: TokenIssuer, settings: AuthSettings | None = None) -> None:
+    def __init__(self, store: AccountStore, tokens: TokenIssuer, settings: AuthSettings | None = None) -> None:
         self._store = store
         self._tokens = tokens
+        self._settings = settings or AuthSettings()
         self._hasher = PasswordHasher()
-        self._throttle = LoginThrottle(settings or AuthSettings())
+        self._throttle = LoginThrottle(self._settings)
+        self._registrations = SlidingWindow(self._settings.registrations_per_ip_per_hour, 3600)
+        self._hashing = HashingGate(self._settings.password_hash_concurrency, self._settings.password_hash_queue)
 
     @property
     def tokens(self) -> TokenIssuer:
         return self._tokens
 
     async def register(self, user_id: str, password: str) -> None:
+        """Create an account, whatever the registration policy (``mqchat user add``)."""
         check_id(user_id, "user_id")
-        if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-            raise InvalidCommand(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
-        digest = await asyncio.to_thread(self._hasher.hash, password)
+        _check_password(password)
+        digest = await self._hashing.run(self._hasher.hash, password)
         await self._store.create_user(user_id, digest)
+
+    async def sign_up(
+        self, user_id: str, password: str, *, client_ip: str | None, registration_token: str | None = None
+    ) -> None:
+        """``POST /v1/users``: ``register`` under ``auth.registration`` and the per-address limit."""
+        policy = self._settings.registration
+        if policy == "closed":
+            raise RegistrationClosed("registration is closed on this server; ask its operator for an account")
+        if policy == "token":
+            expected = (self._settings.registration_token or "").encode()
+            if registration_token is None or not hmac.compare_digest(registration_token.encode(), expected):
+                raise RegistrationClosed("registration on this server needs a valid registration_token")
+        check_id(user_id, "user_id")
+        _check_password(password)
+        if client_ip:
+            # Counted before the hash, whatever the outcome: an attempt costs the hash.
+            now = time.monotonic()
+            wait = self._registrations.wait(client_ip, now)
+            if wait > 0:
+                raise RateLimited("too many registrations from your address; try again later", retry_after=wait)
+            self._registrations.add(client_ip, now)
+        await self.register(user_id, password)
 
     async def login(
         self, user_id: str, password: str, *, client_ip: str | None = None, device_id: str | None = None
     ) -> str:
         """Check the password and return a fresh access token (for one device, if given)."""
-        self._throttle.check(user_id, client_ip)
         if device_id is not None:
             check_id(device_id, "device_id")
-        digest = await self._store.get_password_hash(user_id)
-        # An unknown user costs the same hash as a wrong password, so timing does not
-        # reveal which user ids exist.
-        ok = await asyncio.to_thread(self._verify, digest, password)
-        if not ok:
-            self._throttle.failed(user_id, client_ip)
-            raise InvalidCredentials("wrong user id or password")
-        self._throttle.succeeded(user_id)
+        await self._verify_login(user_id, password, client_ip)
         return self._tokens.issue(user_id, device_id=device_id)
+
+    async def _verify_login(self, user_id: str, password: str, client_ip: str | None) -> None:
+        stamp = self._throttle.reserve(user_id, client_ip)
+        try:
+            digest = await self._store.get_password_hash(user_id)
+            # An unknown user costs the same hash as a wrong password, so timing does not
+            # reveal which user ids exist.
+            ok = await self._hashing.run(self._verify, digest, password)
+        except (ServerBusy, StorageUnavailable):
+            self._throttle.release(user_id, client_ip, stamp)
+            raise
+        if not ok:
+            raise InvalidCredentials("wrong user id or password")
+        self._throttle.succeeded(user_id, client_ip, stamp)
 
     async def authorize(self, token: str, device_id: str | None = None) -> Claims:
         """Verify a token for use, on one device when ``device_id`` is given.
 
-        Refused: a token scoped to another device, and a token issued before the device
-        (given, or the token's own) was revoked.
+        Refused: a token scoped to another device, a token issued before the device (given,
+        or the token's own) was revoked, and one issued before the user logged out
+        everywhere or changed the password.
         """
         claims = self._tokens.verify(token)
         if device_id is not None and claims.device_id not in (None, device_id):
             raise InvalidToken(f"the access token is for another device than {device_id!r}")
         device = device_id or claims.device_id
-        if device is not None:
-            revoked = await self._store.device_revoked_at(claims.user_id, device)
-            if revoked is not None and claims.issued_ms <= revoked:
-                raise InvalidToken(f"device {device!r} was revoked; log in again")
+        refused_upto = await self._store.tokens_refused_upto(claims.user_id, device)
+        if refused_upto is not None and claims.issued_ms <= refused_upto:
+            raise InvalidToken("the access token was revoked; log in again")
         return claims
 
     def refresh(self, claims: Claims) -> str:
@@ -217,9 +313,22 @@ class Accounts:
     async def revoke_device(self, user_id: str, device_id: str) -> None:
         check_id(device_id, "device_id")
         await self._store.revoke_device(user_id, device_id, now_ms())
-        # Let the clock pass the revocation's millisecond: a login right after it must
-        # get a token that is strictly newer, or it would be refused with the old ones.
-        await asyncio.sleep(0.002)
+        await _past_this_millisecond()
+
+    async def log_out_everywhere(self, user_id: str) -> None:
+        """Refuse every token of the user issued until now, on every device."""
+        await self._store.revoke_all_tokens(user_id, now_ms())
+        await _past_this_millisecond()
+
+    async def change_password(self, claims: Claims, old: str, new: str, *, client_ip: str | None = None) -> str:
+        """Replace the password (given the old one, throttled like a login), refuse every token
+        issued until now, and return a fresh one with the caller's scope."""
+        _check_password(new)
+        await self._verify_login(claims.user_id, old, client_ip)
+        digest = await self._hashing.run(self._hasher.hash, new)
+        await self._store.set_password(claims.user_id, digest, now_ms())
+        await _past_this_millisecond()
+        return self.refresh(claims)
 
     def _verify(self, digest: str | None, password: str) -> bool:
         try:
@@ -229,3 +338,14 @@ class Accounts:
             return bool(self._hasher.verify(digest, password))
         except (VerificationError, InvalidHashError):
             return False
+
+
+def _check_password(password: str) -> None:
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise InvalidCommand(f"password must be {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+
+
+async def _past_this_millisecond() -> None:
+    # Let the clock pass the revocation's millisecond: a login right after it must get a
+    # token that is strictly newer, or it would be refused with the old ones.
+    await asyncio.sleep(0.002)

@@ -35,6 +35,10 @@ class PresenceTracker:
         del self._devices[device.user_id]
         return self.of(device.user_id)
 
+    def devices_of(self, user_id: str) -> list[str]:
+        """The ids of the user's devices connected to this node."""
+        return sorted(self._devices.get(user_id, ()))
+
     def of(self, user_id: str) -> Presence:
         seen = self._last_seen.get(user_id)
         return Presence(

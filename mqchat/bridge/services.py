@@ -12,14 +12,15 @@ from dataclasses import dataclass
 
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.service import ChatService
-from mqchat.bridge.sql import SqlStore
+from mqchat.bridge.storage import SqlStore
+from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
 
 
 @dataclass(frozen=True)
 class Services:
     settings: Settings
-    store: SqlStore
+    store: MessageStore
     accounts: Accounts
     chat: ChatService
     event_keys: EventKeys
@@ -31,10 +32,13 @@ class Services:
 
 @asynccontextmanager
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SqlStore.from_url(settings.resolved_database_url())
+    settings.prepare_data_dir()
+    sql = SqlStore.from_url(settings.resolved_database_url())
+    store: MessageStore = sql
     try:
-        await store.create_schema()
+        # Pending migrations are applied under a database lock, so nodes starting together
+        # are safe; a schema newer than this code is refused (SchemaError).
+        await sql.migrate(apply=settings.database.auto_migrate)
         secret = settings.resolved_secret()
         tokens = TokenIssuer(secret, settings.auth.token_ttl_seconds)
         event_keys = EventKeys(secret)

@@ -1,8 +1,9 @@
-"""The storage interface the chat service talks to, and the values it exchanges.
+"""The storage interfaces the chat service and the accounts talk to, and the values they exchange.
 
-``SqlStore`` (sql.py) is the real implementation, on SQLite or PostgreSQL. Every
-write that adds stream events returns them as ``Emitted`` so the service can publish
-exactly what was committed.
+``AccountStore`` is what ``Accounts`` needs; ``MessageStore`` is the whole store. ``SqlStore``
+(``mqchat.bridge.storage``) implements both, on SQLite or PostgreSQL. Every write that adds
+stream events returns them as ``Emitted`` so the service can publish exactly what was
+committed.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from mqchat.core.errors import ChatError
-from mqchat.core.protocol import AnyStreamEvent, MsgType
+from mqchat.core.protocol import AnyStreamEvent, MsgType, format_time
 
 Emitted = tuple[tuple[str, AnyStreamEvent], ...]
 """(user_id, event) pairs: new entries of users' streams, in seq order per user."""
@@ -47,6 +48,23 @@ class StoredMessage:
         if self.group_id is not None:
             return f"group:{self.group_id}"
         return f"user:{self.to_user if viewer == self.sender else self.sender}"
+
+    def public_fields(self) -> dict[str, Any]:
+        """The message as clients see it, the one definition of its rendering: the fields of
+        a ``new_message`` event (without ``seq``) and of the HTTP API's ``MessagePublic``.
+        A recalled message is a tombstone: no content, with ``recalled_at``."""
+        recalled = self.recalled_at is not None
+        return {
+            "server_msg_id": self.id,
+            "client_msg_id": self.client_msg_id,
+            "from_user": self.sender,
+            "to_user": self.to_user,
+            "group_id": self.group_id,
+            "content": None if recalled else self.content,
+            "msg_type": self.msg_type,
+            "created_at": format_time(self.created_at),
+            "recalled_at": format_time(self.recalled_at) if self.recalled_at is not None else None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,16 +108,11 @@ class Receipt:
     read_at: datetime | None
 
 
-class MessageStore(Protocol):
-    async def create_schema(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def ping(self) -> None:
-        """Raise ``StorageUnavailable`` if the database cannot answer."""
+class AccountStore(Protocol):
+    """Users, password hashes and token revocations."""
 
     async def create_user(self, user_id: str, password_hash: str) -> None:
-        """Raise ``UserExists`` if the id is taken."""
+        """Raise ``UserExists`` if the id is taken, also by an id that differs only in case."""
 
     async def get_password_hash(self, user_id: str) -> str | None: ...
 
@@ -108,6 +121,29 @@ class MessageStore(Protocol):
 
     async def device_revoked_at(self, user_id: str, device_id: str) -> int | None:
         """When the device was last revoked (ms since the epoch), or None."""
+
+    async def tokens_refused_upto(self, user_id: str, device_id: str | None) -> int | None:
+        """Tokens issued at or before this time (ms) are refused: the later of the user's last
+        "log out everywhere" (or password change) and, for a device, its last revocation.
+        None when neither happened. One query: it runs at every CONNECT and HTTP request."""
+
+    async def revoke_all_tokens(self, user_id: str, at_ms: int) -> None:
+        """Refuse, from now on, every token of the user issued at or before ``at_ms``."""
+
+    async def set_password(self, user_id: str, password_hash: str, at_ms: int) -> None:
+        """Replace the password hash and refuse every token issued at or before ``at_ms``."""
+
+    async def create_users(self, password_hashes: dict[str, str]) -> None:
+        """Create many users at once, skipping ids that exist (benchmarks and imports)."""
+
+
+class MessageStore(AccountStore, Protocol):
+    async def create_schema(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StorageUnavailable`` if the database cannot answer."""
 
     async def save_messages(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         """Store a batch in one transaction, one result per request, in order.

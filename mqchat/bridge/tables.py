@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
 from sqlmodel import Field, SQLModel
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
@@ -20,6 +32,11 @@ class User(SQLModel, table=True):
     # seq, which is what keeps seqs gapless and in commit order across processes.
     last_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # "Log out everywhere" and a password change: every token issued at or before this
+    # moment (ms since the epoch, compared with the token's iat_ms) is refused.
+    tokens_valid_after_ms: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
+    )
 
 
 class Group(SQLModel, table=True):
@@ -120,6 +137,9 @@ class DeviceRevocation(SQLModel, table=True):
 
 METADATA = SQLModel.metadata
 users = User.__table__  # type: ignore[attr-defined]
+# Ids are case-sensitive (they are topic levels), but two that differ only in case would be
+# one person to a reader: the database refuses the second (ASCII ids, so lower() suffices).
+Index("uq_users_user_id_lower", func.lower(users.c.user_id), unique=True)
 groups = Group.__table__  # type: ignore[attr-defined]
 group_members = GroupMember.__table__  # type: ignore[attr-defined]
 messages = Message.__table__  # type: ignore[attr-defined]

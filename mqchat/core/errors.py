@@ -12,7 +12,8 @@
     │   └── InvalidToken           invalid_token
     ├── NotAllowed                 not_allowed
     │   ├── NotAMember             not_a_member
-    │   └── RecallWindowPassed     recall_window_passed
+    │   ├── RecallWindowPassed     recall_window_passed
+    │   └── RegistrationClosed     registration_closed
     ├── NotFound                   not_found
     │   ├── UnknownRecipient       unknown_recipient
     │   ├── UnknownUser            unknown_user
@@ -95,6 +96,12 @@ class RecallWindowPassed(NotAllowed):
     code = "recall_window_passed"
 
 
+class RegistrationClosed(NotAllowed):
+    """``POST /v1/users`` refused: registration is closed, or needs a registration token."""
+
+    code = "registration_closed"
+
+
 class NotFound(ChatError):
     code = "not_found"
     status = 404
@@ -163,6 +170,7 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     NotAllowed,
     NotAMember,
     RecallWindowPassed,
+    RegistrationClosed,
     NotFound,
     UnknownRecipient,
     UnknownUser,

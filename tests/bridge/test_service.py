@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mqchat.bridge.service import ChatService
-from mqchat.bridge.sql import SqlStore
+from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import SendOutcome, SendRequest
 from mqchat.config import BridgeSettings
 from mqchat.core.errors import ChatError, StorageUnavailable

@@ -10,7 +10,7 @@ import asyncio
 import random
 from collections import Counter
 
-from mqchat.bridge.sql import SqlStore
+from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import SendOutcome, SendRequest
 
 USERS = ["ann", "ben", "cat", "dan"]
@@ -104,5 +104,21 @@ async def test_a_batch_mixing_good_bad_and_repeated_sends(database_url: str) -> 
         assert isinstance(repeat, SendOutcome) and repeat.duplicate and repeat.message == first.message
         assert isinstance(note, SendOutcome) and len(note.events) == 1 and note.message.sender_seq == 2
         assert [e.seq for e in (await store.read_stream("ann", 0, 10)).events] == [1, 2]
+    finally:
+        await store.close()
+
+
+async def test_an_in_memory_sqlite_database_works_as_one() -> None:
+    # One shared connection on one thread: a second connection would see another, empty database.
+    store = SqlStore.from_url("sqlite+aiosqlite://")
+    try:
+        await store.create_schema()
+        for user in USERS[:2]:
+            await store.create_user(user, "not-a-real-hash")
+        [sent] = await store.save_messages([SendRequest("ann", "m1", "hi", "text", to_user="ben")])
+        assert isinstance(sent, SendOutcome) and not sent.duplicate
+        assert [e.seq for e in (await store.read_from_cursor("ben", "phone", 10)).events] == [1]
+        _, receipts = await store.advance_cursor("ben", "phone", 1)
+        assert [user for user, _ in receipts] == ["ann"]
     finally:
         await store.close()

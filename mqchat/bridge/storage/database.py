@@ -1,0 +1,216 @@
+"""One transaction runner per database: ``Database.run(name, fn, write=...)``.
+
+Every transaction of the store is a plain synchronous function of a SQLAlchemy
+``Connection`` (as Synapse's ``runInteraction``). The runner decides where it runs:
+
+- **SQLite file database**: whole on a worker thread, against the standard library's
+  ``sqlite3`` through a synchronous engine; one thread for writes (SQLite has one
+  writer), two for reads (WAL lets them run beside the writer). One hand-off per
+  transaction: through aiosqlite every statement crossed from the event loop to the
+  driver's thread and back three or four times, which at 1,000 msgs/s was nearly all of
+  the server's time and the whole of its latency (docs/performance.md).
+- **SQLite in memory** (tests): the same, on one thread and one shared connection, since
+  each new connection would open a different, empty database.
+- **PostgreSQL**: the asyncpg engine; the function runs through ``run_sync``, which
+  drives the async driver from the synchronous code with greenlets, no thread.
+
+A write transaction whose set of streams to lock changed under it raises ``SetChanged``
+(streams.py); ``run`` starts it over, up to ``RETRIES`` times. Driver failures become
+``StorageUnavailable`` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, StaticPool, create_engine, event, make_url, text
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from mqchat.bridge.storage.dialect import Dialect, dialect_for
+from mqchat.core.errors import ChatError, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+Transaction = Callable[[Connection], _T]
+
+RETRIES = 5
+READERS = 2
+
+
+class SetChanged(Exception):
+    """The set of streams a write transaction must lock grew between its read and its
+    lock: the runner starts the transaction over (streams.py, ``lock_covering``)."""
+
+
+def _unavailable(name: str, exc: SQLAlchemyError | OSError) -> StorageUnavailable:
+    """A driver failure, as the storage error callers get (logged unless a constraint refused)."""
+    if not isinstance(exc, IntegrityError):  # a constraint is an answer, not an outage
+        log.warning("storage failure in %s: %s: %s", name, exc.__class__.__name__, exc)
+    return StorageUnavailable("the database is unavailable; nothing was stored")
+
+
+class Database:
+    """Where transactions run. Subclasses: ``SqliteDatabase``, ``PostgresDatabase``."""
+
+    dialect: Dialect
+
+    async def run(self, name: str, fn: Transaction[_T], *, write: bool = False) -> _T:
+        """``fn`` in one transaction (``write``: it takes the write locks up front)."""
+        for _ in range(RETRIES if write else 1):
+            try:
+                return await self._run(fn, write)
+            except SetChanged:
+                continue
+            except ChatError:
+                raise
+            except (SQLAlchemyError, OSError) as exc:
+                raise _unavailable(name, exc) from exc
+        raise StorageUnavailable("concurrent changes kept interfering; nothing was changed, try again")
+
+    async def _run(self, fn: Transaction[_T], write: bool) -> _T:
+        raise NotImplementedError
+
+    async def run_schema(self, fn: Callable[[Connection], _T]) -> _T:
+        """``fn`` on a connection outside any transaction (migrations manage their own)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def open_database(url: str) -> Database:
+    """SQLite or PostgreSQL, by URL (``sqlite+aiosqlite:///path`` and ``sqlite:///path`` alike)."""
+    if is_sqlite(url):
+        return SqliteDatabase(url)
+    return PostgresDatabase(url)
+
+
+# --------------------------------------------------------------------- SQLite
+
+
+def configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (below) instead of the driver's implicit one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL: readers never block the writer. synchronous=FULL: a committed
+        # transaction survives power loss, not only a crash of the process, which is
+        # what an acked message promises. foreign_keys: SQLite's default is off.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A write transaction reads, then writes: it must take the write lock up front,
+        # or a concurrent commit makes it fail with SQLITE_BUSY_SNAPSHOT.
+        immediate = conn.get_execution_options().get("write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _private_file(path: Path) -> None:
+    """Create the database file readable by its owner only, before SQLite opens it.
+
+    SQLite gives the ``-wal`` and ``-shm`` files it creates the mode of the database
+    file, so they follow. An existing file is narrowed, with its companions."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if companion.exists() and companion.stat().st_mode & 0o077:
+                companion.chmod(0o600)
+
+
+class SqliteDatabase(Database):
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url).set(drivername="sqlite+pysqlite")
+        memory = parsed.database in (None, "", ":memory:")
+        # hide_parameters: a driver error's text would otherwise quote the bound values
+        # (message content, password hashes) into the warning the runner logs.
+        if memory:
+            self.engine = create_engine(
+                parsed,
+                connect_args={"check_same_thread": False},
+                poolclass=StaticPool,
+                hide_parameters=True,
+            )
+        else:
+            assert parsed.database is not None
+            _private_file(Path(parsed.database))
+            self.engine = create_engine(
+                parsed,
+                connect_args={"timeout": 30, "check_same_thread": False},
+                hide_parameters=True,
+                pool_size=READERS + 1,
+            )
+        configure_sqlite(self.engine)
+        self.dialect = dialect_for("sqlite")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mqchat-sqlite-write")
+        # One shared connection in memory: everything on the one thread.
+        self._readers = self._writer if memory else ThreadPoolExecutor(READERS, thread_name_prefix="mqchat-sqlite-read")
+
+    async def _run(self, fn: Transaction[_T], write: bool) -> _T:
+        pool = self._writer if write else self._readers
+        return await asyncio.get_running_loop().run_in_executor(pool, self._transaction, fn, write)
+
+    def _transaction(self, fn: Transaction[_T], write: bool) -> _T:
+        with self.engine.connect() as conn:
+            if write:
+                conn = conn.execution_options(write=True)
+            with conn.begin():
+                return fn(conn)
+
+    async def run_schema(self, fn: Callable[[Connection], _T]) -> _T:
+        def work() -> _T:
+            with self.engine.connect() as conn:
+                return fn(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._writer, work)
+
+    async def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self.engine.dispose()
+
+
+# ----------------------------------------------------------------- PostgreSQL
+
+
+class PostgresDatabase(Database):
+    def __init__(self, url: str) -> None:
+        self.engine: AsyncEngine = create_async_engine(
+            url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+        )
+        self.dialect = dialect_for("postgresql")
+
+    async def _run(self, fn: Transaction[_T], write: bool) -> _T:
+        # Row locks (FOR UPDATE) order the writers; nothing to do up front for ``write``.
+        async with self.engine.connect() as conn, conn.begin():
+            return await conn.run_sync(fn)
+
+    async def run_schema(self, fn: Callable[[Connection], _T]) -> _T:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(fn)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def ping(conn: Connection) -> None:
+    conn.execute(text("SELECT 1"))

@@ -1,0 +1,168 @@
+"""Per-user streams: locking their heads, allocating seqs, writing and rendering entries.
+
+Every user row carries ``last_seq``, the head of the user's stream. A transaction that
+appends to streams locks the heads of every user it will append to, in one statement in
+user-id order (``SELECT ... FOR UPDATE``; the write lock of ``BEGIN IMMEDIATE`` on
+SQLite), hands out ``last_seq + 1, + 2 ...`` and writes the new heads back with the new
+rows. A second writer for the same user waits for the first to commit, so seqs follow
+commit order and a rolled-back transaction leaves no gap.
+
+When the set of streams depends on data that can change until the locks are held (group
+members, the senders a receipt covers), ``lock_covering`` reads it, locks it, reads it
+again under the locks and raises ``SetChanged`` (the runner starts over) if a stream it
+now needs is not locked: locks are still taken in one sorted pass, so no deadlock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, bindparam, select
+
+from mqchat.bridge.storage.database import SetChanged
+from mqchat.bridge.storage.dialect import Dialect
+from mqchat.bridge.store import Emitted, StoredMessage
+from mqchat.bridge.tables import users
+from mqchat.core.protocol import STREAM_EVENTS, AnyStreamEvent, NewMessage
+
+NEW_MESSAGE = "new_message"
+_V = TypeVar("_V")
+
+# Statements that run for every send or connecting device, built once: building one per
+# call (and its cache key) cost more than SQLite took to answer it.
+LOCK_HEADS = (
+    select(users.c.user_id, users.c.last_seq)
+    .where(users.c.user_id.in_(bindparam("ids", expanding=True)))
+    .order_by(users.c.user_id)
+    .with_for_update()
+)
+LAST_SEQ = select(users.c.last_seq).where(users.c.user_id == bindparam("uid"))
+
+
+def utc(moment: datetime | None) -> datetime | None:
+    # SQLite hands datetimes back naive; everything we store is UTC.
+    if moment is None:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def row_to_message(row: Any) -> StoredMessage:
+    return StoredMessage(
+        id=row.id,
+        sender=row.sender,
+        client_msg_id=row.client_msg_id,
+        to_user=row.to_user,
+        group_id=row.group_id,
+        content=row.content,
+        msg_type=row.msg_type,
+        sender_seq=row.sender_seq,
+        created_at=utc(row.created_at) or datetime.now(UTC),
+        recalled_at=utc(row.recalled_at),
+    )
+
+
+def render_new_message(seq: int, message: StoredMessage) -> NewMessage:
+    return NewMessage(seq=seq, **message.public_fields())
+
+
+def render(row: Any) -> AnyStreamEvent:
+    """A stream entry as its event: ``new_message`` from the joined message row (so a recall
+    shows as a tombstone), any other kind from its stored JSON payload."""
+    if row.kind == NEW_MESSAGE:
+        return render_new_message(row.seq, row_to_message(row))
+    data = json.loads(row.payload)
+    data.update(type=row.kind, seq=row.seq)
+    event: AnyStreamEvent = STREAM_EVENTS[row.kind].model_validate(data)  # type: ignore[assignment]
+    return event
+
+
+def latest(conn: Connection, user_id: str) -> int:
+    return int(conn.execute(LAST_SEQ, {"uid": user_id}).scalar_one_or_none() or 0)
+
+
+class Streams:
+    """Appends events to locked streams inside one transaction, then writes them out."""
+
+    def __init__(self, conn: Connection, dialect: Dialect, heads: dict[str, int]) -> None:
+        self._conn = conn
+        self._dialect = dialect
+        self.heads = heads
+        self._start = dict(heads)
+        self._rows: list[dict[str, Any]] = []
+        self.emitted: list[tuple[str, AnyStreamEvent]] = []
+        self._rendered: tuple[StoredMessage, NewMessage] | None = None
+
+    @classmethod
+    def lock(cls, conn: Connection, dialect: Dialect, user_ids: Iterable[str]) -> Streams:
+        """Lock the heads of these users' streams, in id order; users that do not exist are
+        left out of ``heads``."""
+        wanted = sorted(set(user_ids))
+        heads = {row.user_id: row.last_seq for row in conn.execute(LOCK_HEADS, {"ids": wanted})} if wanted else {}
+        return cls(conn, dialect, heads)
+
+    def next_seq(self, user_id: str) -> int:
+        self.heads[user_id] += 1
+        return self.heads[user_id]
+
+    def add_message_entry(self, user_id: str, seq: int, message: StoredMessage) -> None:
+        self._rows.append(
+            {
+                "user_id": user_id,
+                "seq": seq,
+                "kind": NEW_MESSAGE,
+                "message_id": message.id,
+                "conversation_id": message.conversation_for(user_id),
+                "payload": None,
+            }
+        )
+        # Rendered once per message, copied per stream: a group message lands in up to
+        # 1,000 streams, and validating the same fields again for each was a sixth of the
+        # writer thread's time.
+        if self._rendered is None or self._rendered[0] is not message:
+            self._rendered = (message, render_new_message(seq, message))
+        self.emitted.append((user_id, self._rendered[1].model_copy(update={"seq": seq})))
+
+    def emit(self, user_id: str, event: AnyStreamEvent, conversation_id: str | None = None) -> None:
+        """Append a non-message event; ``event.seq`` is replaced by the allocated one."""
+        seq = self.next_seq(user_id)
+        event = event.model_copy(update={"seq": seq})
+        payload = event.model_dump_json(exclude={"seq", "type"})
+        self._rows.append(
+            {
+                "user_id": user_id,
+                "seq": seq,
+                "kind": event.type,
+                "message_id": None,
+                "conversation_id": conversation_id,
+                "payload": payload,
+            }
+        )
+        self.emitted.append((user_id, event))
+
+    def flush(self) -> Emitted:
+        changed = [(h, u) for u, h in self.heads.items() if h != self._start[u]]
+        self._dialect.write_stream(self._conn, self._rows, changed)
+        return tuple(self.emitted)
+
+
+def lock_covering(
+    conn: Connection, dialect: Dialect, read: Callable[[], tuple[_V, set[str]]], also: Iterable[str] = ()
+) -> tuple[Streams, _V]:
+    """The lock / re-read / retry protocol, written once.
+
+    ``read`` returns what the transaction decides on and the users whose streams it will
+    append to. It runs once to learn whom to lock, the heads of those users (and ``also``)
+    are locked in one pass, and it runs again under the locks: its second answer is the
+    one to act on. If that answer needs a stream that was not locked (a member joined, a
+    sender appeared), ``SetChanged`` makes the runner start the transaction over. A set
+    that only shrank needs no retry: every stream it names is locked.
+    """
+    _, wanted = read()
+    streams = Streams.lock(conn, dialect, wanted | set(also))
+    value, needed = read()
+    if not needed <= streams.heads.keys():
+        raise SetChanged
+    return streams, value
