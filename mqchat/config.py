@@ -40,6 +40,16 @@ class HttpSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
     long_poll_max_seconds: int = Field(default=60, ge=1, le=300)
+    header_timeout_seconds: float = Field(default=10, gt=0, le=300)
+    """A connection must send a complete request head within this time of opening, or of its
+    previous response; otherwise it is closed (slowloris). Trickling bytes does not extend it."""
+    body_timeout_seconds: float = Field(default=30, gt=0, le=300)
+    """A request body must arrive whole within this time of its head: 408 ``request_timeout``."""
+    keepalive_timeout_seconds: int = Field(default=5, ge=1, le=300)
+    """An idle keep-alive connection (no byte since its last response) is closed after this."""
+    max_connections: int = Field(default=10_000, ge=1)
+    """Open connections per HTTP listener (at most a quarter of the open-file limit); beyond
+    it a new connection gets 503 and is closed at once."""
 
 
 class AuthSettings(_Section):

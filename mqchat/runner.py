@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from mqchat.api.app import create_app
+from mqchat.api.http11 import GuardedH11Protocol
 from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.services import Services, build_services
 from mqchat.broker.server import ChatBroker, broker_config, listener_names
@@ -92,13 +93,41 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
+def open_file_limit() -> int | None:
+    """The soft RLIMIT_NOFILE of this process; None where there is none (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def http_connection_cap(settings: Settings, fd_limit: int | None) -> int:
+    """``http.max_connections``, but at most a quarter of the open-file limit per listener, so
+    that idle HTTP connections alone cannot take every descriptor and lock MQTT clients out."""
+    if fd_limit is None:
+        return settings.http.max_connections
+    return max(1, min(settings.http.max_connections, fd_limit // 4))
+
+
 @asynccontextmanager
 async def _serve_http(
     services: Services, sock: socket.socket, *, tls: bool, client_config: ClientConfig
 ) -> AsyncIterator[None]:
     settings = services.settings
+    name = "https" if tls else "http"
+    fd_limit = open_file_limit()
+    cap = http_connection_cap(settings, fd_limit)
+    if cap < settings.http.max_connections:
+        log.info("%s listener: at most %d connections (a quarter of the open-file limit %s)", name, cap, fd_limit)
     config = uvicorn.Config(
         create_app(services, client_config),
+        http=GuardedH11Protocol.configured(
+            header_timeout=settings.http.header_timeout_seconds, max_connections=cap, listener=name
+        ),
+        ws="none",  # MQTT over WebSocket has its own listener; the API has no WebSocket route
+        timeout_keep_alive=settings.http.keepalive_timeout_seconds,
         log_level="warning",
         lifespan="off",
         access_log=False,  # an access log would record query strings and client addresses at INFO

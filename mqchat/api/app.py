@@ -98,9 +98,12 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     )
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=services.settings.limits.http_max_body_bytes)
+    settings = services.settings
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.limits.http_max_body_bytes, timeout=settings.http.body_timeout_seconds
+    )
 
-    web_config = client_config or ClientConfig.of(services.settings)
+    web_config = client_config or ClientConfig.of(settings)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
