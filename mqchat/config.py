@@ -9,12 +9,13 @@ No module-level instance exists: the CLI builds one and hands it to
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,6 +51,25 @@ class HttpSettings(_Section):
     max_connections: int = Field(default=10_000, ge=1)
     """Open connections per HTTP listener (at most a quarter of the open-file limit); beyond
     it a new connection gets 503 and is closed at once."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses or networks (CIDR) of reverse proxies whose ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` are believed. Empty: the headers are ignored, the peer is the client."""
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        # Normalised (``10.1.2.3/8`` -> ``10.0.0.0/8``): uvicorn silently treats a network it
+        # cannot parse strictly as a literal that matches nothing.
+        normalised = []
+        for entry in value:
+            try:
+                if "/" in entry:
+                    normalised.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+                else:
+                    normalised.append(str(ipaddress.ip_address(entry.strip())))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return normalised
 
 
 class AuthSettings(_Section):

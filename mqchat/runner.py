@@ -121,6 +121,7 @@ async def _serve_http(
     cap = http_connection_cap(settings, fd_limit)
     if cap < settings.http.max_connections:
         log.info("%s listener: at most %d connections (a quarter of the open-file limit %s)", name, cap, fd_limit)
+    trusted = settings.http.trusted_proxies
     config = uvicorn.Config(
         create_app(services, client_config),
         http=GuardedH11Protocol.configured(
@@ -128,6 +129,11 @@ async def _serve_http(
         ),
         ws="none",  # MQTT over WebSocket has its own listener; the API has no WebSocket route
         timeout_keep_alive=settings.http.keepalive_timeout_seconds,
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: any local process, or a
+        # same-host proxy that does not set the header, could pick the client address that
+        # login throttling counts. Only configured proxies are believed.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=list(trusted) if trusted else None,
         log_level="warning",
         lifespan="off",
         access_log=False,  # an access log would record query strings and client addresses at INFO

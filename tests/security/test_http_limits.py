@@ -1,5 +1,5 @@
 """HTTP connection limits (issue 10): head and body deadlines, keep-alive, a connection cap per
-listener, and no log line per bad request.
+listener, forwarded headers only from trusted proxies, and no log line per bad request.
 
 Real server, raw sockets where a client library would hide what the server does.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mqchat.config import HttpSettings, Settings
+from mqchat.config import AuthSettings, HttpSettings, Settings
 from mqchat.runner import RunningServer
 from tests.helpers import http_client, register
 
@@ -37,7 +37,8 @@ def http_overrides() -> dict[str, Any]:
 @pytest.fixture
 def settings(settings: Settings, http_overrides: dict[str, Any]) -> Settings:
     http = HttpSettings(**{**settings.http.model_dump(), **FAST, **http_overrides})
-    return settings.model_copy(update={"http": http})
+    auth = AuthSettings(login_max_failures_per_ip=3)
+    return settings.model_copy(update={"http": http, "auth": auth})
 
 
 @contextlib.asynccontextmanager
@@ -158,6 +159,31 @@ async def test_connections_beyond_the_cap_get_503_at_once_and_the_rest_are_serve
         await asyncio.sleep(0.5)
         async with http_client(server) as http:
             assert (await http.get("/healthz")).status_code == 200
+
+
+async def failed_logins(server: RunningServer, forwarded_for: list[str | None]) -> list[int]:
+    statuses = []
+    async with http_client(server) as http:
+        for n, address in enumerate(forwarded_for):
+            headers = {"X-Forwarded-For": address} if address else {}
+            body = {"user_id": f"nobody{n}", "password": "wrong-password"}
+            statuses.append((await http.post("/v1/token", json=body, headers=headers)).status_code)
+    return statuses
+
+
+async def test_forwarded_for_is_ignored_without_trusted_proxies(server: RunningServer) -> None:
+    """uvicorn believed X-Forwarded-For from 127.0.0.1: varying it dodged the per-address limit."""
+    varied = [f"198.51.100.{n}" for n in range(5)]
+    assert await failed_logins(server, [*varied]) == [401, 401, 401, 429, 429]
+
+
+@pytest.mark.parametrize("http_overrides", [{"trusted_proxies": ["127.0.0.0/8"]}])
+async def test_forwarded_for_names_the_client_behind_a_trusted_proxy(server: RunningServer) -> None:
+    client, other = "203.0.113.7", "203.0.113.8"
+    assert await failed_logins(server, [client] * 4) == [401, 401, 401, 429]
+    # Another client behind the same proxy, and the proxy itself, have their own counts.
+    assert await failed_logins(server, [other, None, f"{client}, {other}"]) == [401, 401, 401]
+    assert await failed_logins(server, [other, other]) == [401, 429]
 
 
 @contextlib.contextmanager
