@@ -23,6 +23,8 @@ from mqchat.config import Settings
 from mqchat.core.errors import ChatError
 from mqchat.runner import PortInUse, RunningServer, run_server
 
+log = logging.getLogger("mqchat.serve")
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (see config/)")
@@ -110,6 +112,28 @@ async def _serve(settings: Settings) -> None:
         print("shutting down...", flush=True)
 
 
+def _raise_open_file_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every connection is a descriptor, and the
+    usual soft limit of 1,024 is far below the connections a node is meant to hold."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    finite = resource.RLIM_INFINITY not in (soft, hard)
+    if finite and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("open-file limit: %d; could not raise it to the hard limit %d: %s", soft, hard, exc)
+            return
+        log.info("open-file limit: %d (raised from %d, the hard limit)", hard, soft)
+    elif finite:
+        log.info("open-file limit: %d (the hard limit)", soft)
+    else:
+        log.info("open-file limit: soft %s, hard %s (unlimited is not raised)", soft, hard)
+
+
 def _tune_gc() -> None:
     """Fewer, cheaper cycle collections for a server process.
 
@@ -180,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if args.command == "serve":
+            _raise_open_file_limit()
             with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
                 runner.run(_serve(settings))
         elif args.command == "user":

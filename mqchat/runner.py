@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
 from mqchat.api.app import create_app
 from mqchat.api.http11 import GuardedH11Protocol
+from mqchat.api.logthrottle import LogThrottle
 from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.services import Services, build_services
 from mqchat.broker.server import ChatBroker, broker_config, listener_names
@@ -155,10 +158,89 @@ async def _serve_http(
         await http_task
 
 
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class FdExhaustion:
+    """Running out of file descriptors, reported in one line per 10 s (with a count).
+
+    asyncio reports each failed ``accept()`` of a listener through the loop's exception
+    handler with a traceback, and on Python 3.11 retries up to the listen backlog (2048 for
+    uvicorn) times per wake-up: 634,009 tracebacks in 55 s (issue 10). uvloop (libuv) says
+    nothing: it accepts and closes the waiting connections with a spare descriptor. So the
+    exception handler swallows those errors into this report, and a probe opens and closes
+    ``/dev/null`` every second, which fails exactly when the process is out of descriptors,
+    whichever loop runs.
+    """
+
+    PROBE_INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        self._throttle = LogThrottle()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: _ExceptionHandler | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    def report(self, exc: OSError, where: str) -> None:
+        suppressed = self._throttle.allow("fds")
+        if suppressed is None:
+            return
+        log.warning(
+            "%s: %s (open-file limit %s); new connections cannot be accepted until some close%s",
+            where,
+            exc.strerror or exc,
+            open_file_limit(),
+            self._throttle.suffix(suppressed),
+        )
+
+    def handle_exception(self, context: dict[str, Any]) -> bool:
+        """True if ``context`` was such an error, now reported (or counted)."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            self.report(exc, str(context.get("message", "event loop")))
+            return True
+        return False
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> FdExhaustion:
+        """Route the loop's reports through this one and start the probe; ``uninstall`` undoes it."""
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self._handler)
+        self._probe = loop.create_task(self.probe(), name="mqchat-fd-probe")
+        return self
+
+    def uninstall(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        if self._loop is not None and self._loop.get_exception_handler() == self._handler:
+            self._loop.set_exception_handler(self._previous)
+
+    def _handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if self.handle_exception(context):
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    async def probe(self) -> None:
+        if os.name != "posix":  # pragma: no cover
+            return
+        while True:
+            await asyncio.sleep(self.PROBE_INTERVAL)
+            try:
+                os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self.report(exc, "out of file descriptors")
+
+
 @asynccontextmanager
 async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     check_ports(settings)
     http_socks = _http_sockets(settings)
+    fds = FdExhaustion().install(asyncio.get_running_loop())
     try:
         async with build_services(settings) as services:
             broker = ChatBroker(broker_config(services), settings.limits, listener_names(settings), chat=services.chat)
@@ -177,6 +259,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                 services.chat.attach_sessions(None)
                 await broker.shutdown()
     finally:
+        fds.uninstall()
         for sock in http_socks.values():
             sock.close()
 
