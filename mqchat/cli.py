@@ -98,12 +98,14 @@ class ConfigError(Exception):
 
 
 async def _serve(settings: Settings) -> None:
+    open_files = _raise_open_file_limit()  # before the listeners: the HTTP cap is a quarter of it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with run_server(settings) as server:
         _tune_gc()
+        log.log(*open_files)
         print(
             f"mqchat {__version__}: {_listening(settings, server)} (data in {settings.data_dir}). Ctrl-C stops.",
             flush=True,
@@ -112,26 +114,26 @@ async def _serve(settings: Settings) -> None:
         print("shutting down...", flush=True)
 
 
-def _raise_open_file_limit() -> None:
+def _raise_open_file_limit() -> tuple[int, str]:
     """Soft RLIMIT_NOFILE up to the hard limit: every connection is a descriptor, and the
-    usual soft limit of 1,024 is far below the connections a node is meant to hold."""
+    usual soft limit of 1,024 is far below the connections a node is meant to hold.
+
+    Returns the log level and line, logged once the server is up (a port in use must stay
+    the only line of a failed start)."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not POSIX
-        return
+        return logging.DEBUG, "open-file limit: not available on this platform"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    finite = resource.RLIM_INFINITY not in (soft, hard)
-    if finite and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError) as exc:
-            log.warning("open-file limit: %d; could not raise it to the hard limit %d: %s", soft, hard, exc)
-            return
-        log.info("open-file limit: %d (raised from %d, the hard limit)", hard, soft)
-    elif finite:
-        log.info("open-file limit: %d (the hard limit)", soft)
-    else:
-        log.info("open-file limit: soft %s, hard %s (unlimited is not raised)", soft, hard)
+    if resource.RLIM_INFINITY in (soft, hard):
+        return logging.INFO, f"open-file limit: soft {soft}, hard {hard} (unlimited is not raised)"
+    if soft >= hard:
+        return logging.INFO, f"open-file limit: {soft} (the hard limit)"
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        return logging.WARNING, f"open-file limit: {soft}; could not raise it to the hard limit {hard}: {exc}"
+    return logging.INFO, f"open-file limit: {hard} (raised from {soft}, the hard limit)"
 
 
 def _tune_gc() -> None:
@@ -204,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         if args.command == "serve":
-            _raise_open_file_limit()
             with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
                 runner.run(_serve(settings))
         elif args.command == "user":
