@@ -25,6 +25,8 @@ from mqchat.config import Settings
 from mqchat.core.errors import ChatError
 from mqchat.runner import PortInUse, RunningServer, run_server
 
+log = logging.getLogger("mqchat.serve")
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (see config/)")
@@ -102,18 +104,42 @@ class ConfigError(Exception):
 
 
 async def _serve(settings: Settings) -> None:
+    open_files = _raise_open_file_limit()  # before the listeners: the HTTP cap is a quarter of it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with run_server(settings) as server:
         _tune_gc()
+        log.log(*open_files)
         print(
             f"mqchat {__version__}: {_listening(settings, server)} (data in {settings.data_dir}). Ctrl-C stops.",
             flush=True,
         )
         await stop.wait()
         print("shutting down...", flush=True)
+
+
+def _raise_open_file_limit() -> tuple[int, str]:
+    """Soft RLIMIT_NOFILE up to the hard limit: every connection is a descriptor, and the
+    usual soft limit of 1,024 is far below the connections a node is meant to hold.
+
+    Returns the log level and line, logged once the server is up (a port in use must stay
+    the only line of a failed start)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return logging.DEBUG, "open-file limit: not available on this platform"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if resource.RLIM_INFINITY in (soft, hard):
+        return logging.INFO, f"open-file limit: soft {soft}, hard {hard} (unlimited is not raised)"
+    if soft >= hard:
+        return logging.INFO, f"open-file limit: {soft} (the hard limit)"
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:
+        return logging.WARNING, f"open-file limit: {soft}; could not raise it to the hard limit {hard}: {exc}"
+    return logging.INFO, f"open-file limit: {hard} (raised from {soft}, the hard limit)"
 
 
 def _tune_gc() -> None:

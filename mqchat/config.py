@@ -9,12 +9,13 @@ No module-level instance exists: the CLI builds one and hands it to
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +41,35 @@ class HttpSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
     long_poll_max_seconds: int = Field(default=60, ge=1, le=300)
+    header_timeout_seconds: float = Field(default=10, gt=0, le=300)
+    """A connection must send a complete request head within this time of opening, or of its
+    previous response; otherwise it is closed (slowloris). Trickling bytes does not extend it."""
+    body_timeout_seconds: float = Field(default=30, gt=0, le=300)
+    """A request body must arrive whole within this time of its head: 408 ``request_timeout``."""
+    keepalive_timeout_seconds: int = Field(default=5, ge=1, le=300)
+    """An idle keep-alive connection (no byte since its last response) is closed after this."""
+    max_connections: int = Field(default=10_000, ge=1)
+    """Open connections per HTTP listener (at most a quarter of the open-file limit); beyond
+    it a new connection gets 503 and is closed at once."""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """Addresses or networks (CIDR) of reverse proxies whose ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` are believed. Empty: the headers are ignored, the peer is the client."""
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        # Normalised (``10.1.2.3/8`` -> ``10.0.0.0/8``): uvicorn silently treats a network it
+        # cannot parse strictly as a literal that matches nothing.
+        normalised = []
+        for entry in value:
+            try:
+                if "/" in entry:
+                    normalised.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+                else:
+                    normalised.append(str(ipaddress.ip_address(entry.strip())))
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return normalised
 
 
 class AuthSettings(_Section):

@@ -6,14 +6,18 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 
 from mqchat.api.app import create_app
+from mqchat.api.http11 import GuardedH11Protocol
+from mqchat.api.logthrottle import LogThrottle
 from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.services import Services, build_services
 from mqchat.broker.amqtt_host import AmqttHost
@@ -93,13 +97,47 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
+def open_file_limit() -> int | None:
+    """The soft RLIMIT_NOFILE of this process; None where there is none (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def http_connection_cap(settings: Settings, fd_limit: int | None) -> int:
+    """``http.max_connections``, but at most a quarter of the open-file limit per listener, so
+    that idle HTTP connections alone cannot take every descriptor and lock MQTT clients out."""
+    if fd_limit is None:
+        return settings.http.max_connections
+    return max(1, min(settings.http.max_connections, fd_limit // 4))
+
+
 @asynccontextmanager
 async def _serve_http(
     services: Services, sock: socket.socket, *, tls: bool, client_config: ClientConfig
 ) -> AsyncIterator[None]:
     settings = services.settings
+    name = "https" if tls else "http"
+    fd_limit = open_file_limit()
+    cap = http_connection_cap(settings, fd_limit)
+    if cap < settings.http.max_connections:
+        log.info("%s listener: at most %d connections (a quarter of the open-file limit %s)", name, cap, fd_limit)
+    trusted = settings.http.trusted_proxies
     config = uvicorn.Config(
         create_app(services, client_config),
+        http=GuardedH11Protocol.configured(
+            header_timeout=settings.http.header_timeout_seconds, max_connections=cap, listener=name
+        ),
+        ws="none",  # MQTT over WebSocket has its own listener; the API has no WebSocket route
+        timeout_keep_alive=settings.http.keepalive_timeout_seconds,
+        # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: any local process, or a
+        # same-host proxy that does not set the header, could pick the client address that
+        # login throttling counts. Only configured proxies are believed.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=list(trusted) if trusted else None,
         log_level="warning",
         lifespan="off",
         access_log=False,  # an access log would record query strings and client addresses at INFO
@@ -121,10 +159,89 @@ async def _serve_http(
         await http_task
 
 
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class FdExhaustion:
+    """Running out of file descriptors, reported in one line per 10 s (with a count).
+
+    asyncio reports each failed ``accept()`` of a listener through the loop's exception
+    handler with a traceback, and on Python 3.11 retries up to the listen backlog (2048 for
+    uvicorn) times per wake-up: 634,009 tracebacks in 55 s (issue 10). uvloop (libuv) says
+    nothing: it accepts and closes the waiting connections with a spare descriptor. So the
+    exception handler swallows those errors into this report, and a probe opens and closes
+    ``/dev/null`` every second, which fails exactly when the process is out of descriptors,
+    whichever loop runs.
+    """
+
+    PROBE_INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        self._throttle = LogThrottle()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: _ExceptionHandler | None = None
+        self._probe: asyncio.Task[None] | None = None
+
+    def report(self, exc: OSError, where: str) -> None:
+        suppressed = self._throttle.allow("fds")
+        if suppressed is None:
+            return
+        log.warning(
+            "%s: %s (open-file limit %s); new connections cannot be accepted until some close%s",
+            where,
+            exc.strerror or exc,
+            open_file_limit(),
+            self._throttle.suffix(suppressed),
+        )
+
+    def handle_exception(self, context: dict[str, Any]) -> bool:
+        """True if ``context`` was such an error, now reported (or counted)."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS:
+            self.report(exc, str(context.get("message", "event loop")))
+            return True
+        return False
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> FdExhaustion:
+        """Route the loop's reports through this one and start the probe; ``uninstall`` undoes it."""
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self._handler)
+        self._probe = loop.create_task(self.probe(), name="mqchat-fd-probe")
+        return self
+
+    def uninstall(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        if self._loop is not None and self._loop.get_exception_handler() == self._handler:
+            self._loop.set_exception_handler(self._previous)
+
+    def _handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if self.handle_exception(context):
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    async def probe(self) -> None:
+        if os.name != "posix":  # pragma: no cover
+            return
+        while True:
+            await asyncio.sleep(self.PROBE_INTERVAL)
+            try:
+                os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self.report(exc, "out of file descriptors")
+
+
 @asynccontextmanager
 async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     check_ports(settings)
     http_socks = _http_sockets(settings)
+    fds = FdExhaustion().install(asyncio.get_running_loop())
     try:
         async with build_services(settings) as services:
             broker = MqttServer(services)
@@ -147,6 +264,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                 await broker.close()
                 await host.shutdown()
     finally:
+        fds.uninstall()
         for sock in http_socks.values():
             sock.close()
 

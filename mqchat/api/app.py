@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 
 from mqchat import __version__
 from mqchat.api.errors import install_error_handlers
+from mqchat.api.headers import SecurityHeaders
 from mqchat.api.limits import BodySizeLimit
 from mqchat.api.schemas import (
     ClientConfig,
@@ -99,9 +100,14 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     )
     app.state.services = services
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimit, max_bytes=services.settings.limits.http_max_body_bytes)
+    settings = services.settings
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.limits.http_max_body_bytes, timeout=settings.http.body_timeout_seconds
+    )
 
-    web_config = client_config or ClientConfig.of(services.settings)
+    web_config = client_config or ClientConfig.of(settings)
+    # Added last, so outermost: the 413 and 408 of BodySizeLimit get the headers too.
+    app.add_middleware(SecurityHeaders, client_config=web_config)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

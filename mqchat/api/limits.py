@@ -1,6 +1,8 @@
-"""HTTP request body size limit, enforced before the app reads the body."""
+"""HTTP request body size and time limits, enforced before the app reads the body."""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -9,17 +11,21 @@ from mqchat.api.errors import error_body
 
 
 class BodySizeLimit:
-    """413 ``payload_too_large`` for a body over ``max_bytes``.
+    """413 ``payload_too_large`` for a body over ``max_bytes``; 408 ``request_timeout`` for a
+    body that has not arrived whole within ``timeout`` seconds of the request head.
 
     A ``Content-Length`` over the limit is refused without reading anything. A body
     without one (chunked) is read up to the limit and no further, then handed to the
     app from memory: our bodies are small, and refusing half-way through the app's
-    own read would surface as a 500 instead of a 413.
+    own read would surface as a 500 instead of a 413. Reading it here, under one deadline,
+    also means no handler ever waits on a client that trickles its body (the request head
+    has its own deadline, in ``mqchat.api.http11``).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
         self._app = app
         self._max = max_bytes
+        self._timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -30,19 +36,36 @@ class BodySizeLimit:
             await self._refuse(scope, receive, send)
             return
         messages: list[Message] = []
+        try:
+            async with asyncio.timeout(self._timeout):
+                too_large = await self._read(messages, receive)
+        except TimeoutError:
+            body = error_body("request_timeout", f"the request body did not arrive within {self._timeout:g} s")
+            await JSONResponse(body, status_code=408, headers={"Connection": "close"})(scope, receive, send)
+            return
+        if too_large:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    drained = await _drain(messages[-1], receive)
+            except TimeoutError:
+                drained = False
+            await self._refuse(scope, receive, send, drained=drained)
+            return
+        await self._app(scope, _replay(messages, receive), send)
+
+    async def _read(self, messages: list[Message], receive: Receive) -> bool:
+        """The body into ``messages``, up to the limit; True if it went over."""
         size = 0
         while True:
             message = await receive()
             messages.append(message)
             if message["type"] != "http.request":
-                break  # the client went away: let the app see it
+                return False  # the client went away: let the app see it
             size += len(message.get("body", b""))
             if size > self._max:
-                await self._refuse(scope, receive, send, drained=await _drain(message, receive))
-                return
+                return True
             if not message.get("more_body", False):
-                break
-        await self._app(scope, _replay(messages, receive), send)
+                return False
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, *, drained: bool = False) -> None:
         body = error_body("payload_too_large", f"the request body is larger than {self._max} bytes")
