@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mqchat import __version__
 from mqchat.bench import command as bench_command
-from mqchat.bridge.services import build_services
+from mqchat.bridge.composition import build_services
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.storage.schema import SchemaError
 from mqchat.clients.terminal import add_chat_arguments, run_chat

@@ -19,7 +19,7 @@ from mqchat.api.app import create_app
 from mqchat.api.http11 import GuardedH11Protocol
 from mqchat.api.logthrottle import LogThrottle
 from mqchat.api.schemas import ClientConfig
-from mqchat.bridge.services import Services, build_services
+from mqchat.bridge.composition import Services, build_services
 from mqchat.broker.amqtt_host import AmqttHost
 from mqchat.broker.server import MqttServer
 from mqchat.config import Settings

@@ -37,7 +37,7 @@ from mqchat.api.schemas import (
     UserPublic,
 )
 from mqchat.bridge.auth import Claims
-from mqchat.bridge.services import Services
+from mqchat.bridge.composition import Services
 from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
 from mqchat.core.ids import DeviceAddress, is_valid_id
 from mqchat.core.origin import encode_key

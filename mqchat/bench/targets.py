@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mqchat.bench.load import Dialect
-from mqchat.bridge.services import build_services
+from mqchat.bridge.composition import build_services
 from mqchat.config import Settings
 
 # ------------------------------------------------------------------ dialects

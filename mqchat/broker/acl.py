@@ -9,7 +9,7 @@ Receive: checked again per delivery on group topics (a removed member stops at o
 
 from __future__ import annotations
 
-from mqchat.bridge.service import ChatService
+from mqchat.bridge.chat import ChatService
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.topics import GROUP_PREFIX, PRESENCE_PREFIX, id_after, may_subscribe
 

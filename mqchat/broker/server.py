@@ -22,8 +22,8 @@ import websockets
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection
 
+from mqchat.bridge.composition import Services
 from mqchat.bridge.ratelimit import NewKeyBudget
-from mqchat.bridge.services import Services
 from mqchat.broker.acl import TopicAcl, group_of
 from mqchat.broker.connection import MqttConnection, serve_websocket
 from mqchat.broker.sessions import Session, SessionTable, Subscriptions

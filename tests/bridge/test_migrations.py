@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, make_url, text
 
-from mqchat.bridge.services import build_services
+from mqchat.bridge.composition import build_services
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.storage.schema import SchemaError, head
 from mqchat.bridge.store import SendOutcome, SendRequest

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mqchat.bridge.service import ChatService
+from mqchat.bridge.chat import ChatService
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import SendOutcome, SendRequest
 from mqchat.config import BridgeSettings

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mqchat.bridge.services import build_services
+from mqchat.bridge.composition import build_services
 from mqchat.cli import main
 from mqchat.config import AuthSettings, Settings
 from mqchat.core.errors import UserExists

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
-from mqchat.bridge.service import ChatService
+from mqchat.bridge.chat import ChatService
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings

@@ -180,7 +180,7 @@ class ChatService:
 
     async def start(self) -> None:
         if self._worker is None:
-            self._worker = asyncio.create_task(self._run(), name="mqchat-bridge-worker")
+            self._worker = asyncio.create_task(self._commit_loop(), name="mqchat-commit-loop")
 
     async def stop(self) -> None:
         """Finish what was accepted, then stop."""
@@ -267,7 +267,7 @@ class ChatService:
 
     # ------------------------------------------------------------- worker
 
-    async def _run(self) -> None:
+    async def _commit_loop(self) -> None:
         """Group commit, pipelined: while one batch's acks and events go out, the next
         batch (what arrived meanwhile) is already being stored. Batches are answered in
         the order they were stored, so every stream's events still go out in seq order."""
