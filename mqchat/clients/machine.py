@@ -290,6 +290,8 @@ class ClientMachine:
         link = self._link
         if link is not None:
             times.append(link.watch_at)
+            if link.syncing:
+                times.append(link.sync_deadline)
             if link.paused_until > 0:
                 times.append(link.paused_until)
             elif link.inflight:
@@ -365,7 +367,7 @@ class ClientMachine:
         if self._ack_due is not None and now >= self._ack_due:
             actions += self._flush_ack()
         link = self._link
-        if link is not None and now >= link.watch_at:
+        if link is not None and (now >= link.watch_at or (link.syncing and now >= link.sync_deadline)):
             link.watch_at = now + self._watch_period
             actions += self._watchdog(link, now)
         if link is not None and link.paused_until and now >= link.paused_until:
@@ -524,7 +526,7 @@ class ClientMachine:
         a lost live delivery of the *last* event would otherwise go unnoticed until the next."""
         actions = self._fetch_disputed()
         if link.syncing:
-            if now > link.sync_deadline:
+            if now >= link.sync_deadline:
                 # Also when not behind: a catch-up that never came leaves the head unknown.
                 link.catch_up_running = False
                 actions += self._request_sync(link, now)

@@ -14,7 +14,7 @@ from mqchat.clients import Backoff, StoreInUse
 from mqchat.clients.errors import chat_error
 from mqchat.clients.sequencer import StreamSequencer
 from mqchat.clients.store import LocalStore
-from mqchat.core.errors import ChatError, UnknownRecipient
+from mqchat.core.errors import ChatError, RateLimited, UnknownRecipient
 from mqchat.core.protocol import NewMessage
 
 
@@ -80,6 +80,9 @@ def test_error_codes_become_the_protocol_s_exceptions() -> None:
     assert isinstance(error, UnknownRecipient) and error.ref == "ref-1"
     newer = chat_error("from_the_future", "?")
     assert type(newer) is ChatError and newer.code == "from_the_future"
+    limited = chat_error("rate_limited", "slow down", "ref-2", retry_after=2.5)
+    assert isinstance(limited, RateLimited) and limited.retry_after == 2.5 and limited.ref == "ref-2"
+    assert isinstance(guessed := chat_error("rate_limited", "slow down"), RateLimited) and guessed.retry_after == 1.0
 
 
 def test_the_sdk_imports_no_server_framework() -> None:

@@ -295,7 +295,9 @@ async def test_over_tls(server: RunningServer, tmp_path: Path, certificate: tupl
         trusted = ssl.create_default_context(cafile=str(cert))
         # The proxy covers MQTT only: the event key comes from the plain HTTP port.
         api = f"http://127.0.0.1:{server.http_port}"
-        alice = make_client("alice", tmp_path / "alice.db", token=alice_token, mqtt_port=port, http_url=api, tls=trusted)
+        alice = make_client(
+            "alice", tmp_path / "alice.db", token=alice_token, mqtt_port=port, http_url=api, tls=trusted
+        )
         bob = client_for(server, "bob", bob_token, tmp_path)
         async with started(alice, bob):
             ack = await asyncio.wait_for(alice.send(to_user="bob", content="over TLS"), 15)
