@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiomqtt
+import paho.mqtt.client as paho
 import pytest
 
 from mqchat.clients import Backoff, StoreInUse
+from mqchat.clients.client import _paho
 from mqchat.clients.errors import chat_error
 from mqchat.clients.sequencer import StreamSequencer
 from mqchat.clients.store import LocalStore
@@ -94,3 +97,11 @@ def test_the_sdk_imports_no_server_framework() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+async def test_the_one_private_access_of_the_sdk_still_holds() -> None:
+    """``_paho`` reads aiomqtt's ``Client._client`` (noqa SLF001): an aiomqtt upgrade that
+    renames it must fail here, by name, not in a fault test."""
+    client = aiomqtt.Client("127.0.0.1", 1)
+    assert isinstance(_paho(client), paho.Client), "aiomqtt.Client._client is no longer the paho client"
+    assert _paho(client).socket() is None  # public on paho; None before connecting
