@@ -207,8 +207,9 @@ class _Print:
 def _print(event: AnyStreamEvent) -> _Print:
     if isinstance(event, NewMessage):
         ident = event.model_dump_json(exclude={"content", "recalled_at"}).encode()
-        content = None if event.content is None or event.recalled_at is not None else event.content.encode()
-        return _Print(hashlib.blake2b(ident, digest_size=16).digest(), content and hashlib.sha256(content).digest())
+        live = event.content is not None and event.recalled_at is None
+        content = hashlib.sha256(event.content.encode()).digest() if live and event.content is not None else None
+        return _Print(hashlib.blake2b(ident, digest_size=16).digest(), content)
     return _Print(hashlib.blake2b(event.model_dump_json().encode(), digest_size=16).digest(), None)
 
 
