@@ -158,6 +158,11 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         access = services.accounts.refresh(claims)
         return _token(services, access, claims.user_id, claims.device_id)
 
+    @app.get("/v1/event-key", tags=["accounts"])
+    async def event_key(claims: ClaimsDep, services: ServicesDep) -> dict[str, str]:
+        """The user's event key (as in ``POST /v1/token``), for a client that holds only a token."""
+        return {"event_key": encode_key(services.event_keys.key_for(claims.user_id))}
+
     @app.delete("/v1/devices/{device_id}", status_code=204, tags=["accounts"])
     async def revoke_device(device_id: str, user: UserDep, services: ServicesDep) -> Response:
         """Revoke one of your devices: its live MQTT connection is closed at once, and every

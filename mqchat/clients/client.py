@@ -1,59 +1,73 @@
-"""``ChatClient``: the asyncio client of mqchat, with the client half of the reliability story.
+"""``ChatClient``: the asyncio client of mqchat, an I/O driver around ``ClientMachine``.
 
-How it is put together (one event loop, no locks: every handler below runs to completion
-between two ``await``s):
+The reliability logic (outbox order and resends, the pause after a retryable refusal, the
+stream cursor, catch-up, syncs, acks, and the check that events come from the server) is
+the sans-IO ``ClientMachine`` in ``mqchat/clients/machine.py``, tested without sockets or
+clocks. This module only does the I/O, in one event loop, without locks:
 
-* ``_run`` owns the connection: log in over HTTP when it has no token, connect (TCP or
-  WebSocket, optionally TLS), subscribe to the stream and device topics, and on any failure
-  wait ``Backoff.delay(n)`` and start again. Each connection runs three tasks: the reader
-  (``_dispatch`` of every incoming payload), the sender (the outbox, in order) and the sync
-  watchdog; the first one to fail ends the connection.
-* ``send()`` writes the command to the outbox (SQLite) and waits for its ``message_ack``.
-  The sender publishes outbox entries in outbox order; after every (re)connect it starts
-  again from the oldest unacknowledged entry, always with the entry's ``client_msg_id``, so
-  the server's idempotency turns a resend of a stored message into a duplicate ack.
-* Stream events go through a ``StreamSequencer`` (order, de-duplication, holes) into the
-  queue behind ``events()``. An event counts as processed when the application asks for the
-  next one; the acker persists that cursor and then acks it to the server.
+* ``_run`` owns the connection: log in over HTTP when it has no token (and fetch the event
+  key when it has none), connect (TCP or WebSocket, optionally TLS), subscribe to the stream
+  and device topics, and on any failure wait ``Backoff.delay(n)`` and start again. Each
+  connection runs a reader (every delivery goes to ``ClientMachine.receive``) and a writer
+  (the machine's publishes, in order); the first one to fail ends the connection.
+* ``send()`` writes the command to the outbox (SQLite) before it first yields, tells the
+  machine, and waits for the ``Resolve`` or ``Fail`` of that ``client_msg_id``.
+* The ticker calls ``ClientMachine.tick`` at the machine's ``deadline`` (resends, the end of
+  a pause, the sync watchdog, the batched ack) and after every other input.
+* ``events()``: taking the next event commits the previous one (``ClientMachine.commit``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import socket
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Literal, NoReturn, TypeVar
 
 import aiomqtt
+import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import ValidationError
 
 from mqchat.clients.backoff import Backoff
-from mqchat.clients.errors import ClientClosed, ClientError, LoginFailed, chat_error
+from mqchat.clients.errors import ClientClosed, ClientError, LoginFailed
 from mqchat.clients.http import Conversation, HttpApi, Message
-from mqchat.clients.sequencer import StreamSequencer
+from mqchat.clients.machine import (
+    RETRYABLE_CODES,
+    Action,
+    ClientMachine,
+    Deliver,
+    DeliverTyping,
+    Fail,
+    FetchSync,
+    PersistCursor,
+    ReportError,
+    RequestSync,
+    Resolve,
+    SendAck,
+    SendEntry,
+)
 from mqchat.clients.store import LocalStore, OutboxEntry
 from mqchat.core.errors import ChatError, InvalidCommand, NotAuthorized, PayloadTooLarge
 from mqchat.core.ids import DeviceAddress, check_id
+from mqchat.core.origin import decode_key
 from mqchat.core.protocol import (
     MAX_PAYLOAD_BYTES,
-    SYNC_MAX_LIMIT,
     Ack,
     AnyStreamEvent,
-    ErrorEvent,
     MarkAsRead,
     MessageAck,
     MsgType,
-    NewMessage,
     RecallMessage,
     SendGroupMessage,
     SendMessage,
@@ -61,20 +75,22 @@ from mqchat.core.protocol import (
     SyncResponse,
     Typing,
     TypingEvent,
-    decode_event,
 )
 from mqchat.core.topics import device_topic, group_topic, inbox_topic, stream_topic
 
-log = logging.getLogger(__name__)
+__all__ = ["RETRYABLE_CODES", "ChatClient", "Transport"]
 
-#: Error codes after which a send is retried (same ``client_msg_id``); any other code is final.
-#: All three say "nothing was stored, not now": overload, a database failure, the per-device
-#: send rate (``rate_limited`` comes with ``retry_after``, which the client honours).
-RETRYABLE_CODES = frozenset({"server_busy", "storage_unavailable", "rate_limited"})
+log = logging.getLogger(__name__)
 
 # CONNACK refusals: MQTT 3.1.1 return codes, and the MQTT 5 reason codes paho maps them to.
 _BAD_CREDENTIALS = frozenset({4, 5, 134, 135})
 _BAD_IDENTIFIER = frozenset({2, 133})
+
+#: Publishes of one connection awaiting their PUBACK at a time. They leave in the order the
+#: machine asked for them (each task hands its packet to paho in its first step, and tasks
+#: start in creation order); the window bounds the work in flight and stays under aiomqtt's
+#: "pending calls" warning threshold (10).
+_PUBLISH_WINDOW = 8
 
 Transport = Literal["tcp", "websockets"]
 T = TypeVar("T")
@@ -127,36 +143,30 @@ class _Feed(Generic[T]):
 class _StreamEvents:
     """``async for event in client.events()``: taking the next event commits the previous one."""
 
-    def __init__(self, client: ChatClient) -> None:
-        self._client = client
+    def __init__(self, feed: _Feed[AnyStreamEvent], commit: Callable[[], None], taken: Callable[[int], None]) -> None:
+        self._feed = feed
+        self._commit = commit
+        self._taken = taken
 
     def __aiter__(self) -> _StreamEvents:
         return self
 
     async def __anext__(self) -> AnyStreamEvent:
-        self._client._commit()
-        event = await self._client._stream.get()
-        self._client._handed_out = max(self._client._handed_out, event.seq)
+        self._commit()
+        event = await self._feed.get()
+        self._taken(event.seq)
         return event
 
 
 class _Typing:
-    def __init__(self, client: ChatClient) -> None:
-        self._client = client
+    def __init__(self, feed: _Feed[TypingEvent]) -> None:
+        self._feed = feed
 
     def __aiter__(self) -> _Typing:
         return self
 
     async def __anext__(self) -> TypingEvent:
-        return await self._client._typing.get()
-
-
-@dataclass(slots=True)
-class _InFlight:
-    position: int
-    payload: bytes
-    due: float
-    """When to publish it again if no answer came (loop time)."""
+        return await self._feed.get()
 
 
 @dataclass(slots=True)
@@ -164,16 +174,17 @@ class _Connection:
     mqtt: aiomqtt.Client
     ready: bool = False
     """Subscribed: commands may be published, replies will be heard."""
-    inflight: dict[str, _InFlight] = field(default_factory=dict)
-    published_upto: int = 0
-    catch_up_running: bool = True
-    syncing: bool = True
-    sync_deadline: float = 0.0
-    sync_from: int = -1
-    acked: int = 0
-    paused_until: float = 0.0
-    """After a retryable refusal nothing new is published before this (loop time)."""
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    outgoing: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)
+    """What the machine asked to publish on the inbox, in that order."""
+    broken: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    """The first publish that failed: it ends the connection."""
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.broken.set()
 
 
 class ChatClient:
@@ -188,7 +199,8 @@ class ChatClient:
 
     ``store_path`` is the local SQLite file (outbox and cursor) and must not be shared by two
     running clients. Give ``password`` (the client logs in over HTTP, again whenever a token is
-    refused) or ``token``. ``mqtt_port`` defaults to 1883, or 8083 with
+    refused) or ``token`` (then the client fetches the user's event key with it, unless
+    ``event_key`` is given too). ``mqtt_port`` defaults to 1883, or 8083 with
     ``transport="websockets"``; ``tls`` is an ``ssl.SSLContext`` for both MQTT and HTTP.
     """
 
@@ -199,6 +211,7 @@ class ChatClient:
         store_path: str | Path,
         password: str | None = None,
         token: str | None = None,
+        event_key: str | None = None,
         host: str = "127.0.0.1",
         mqtt_port: int | None = None,
         http_port: int = 8080,
@@ -227,6 +240,7 @@ class ChatClient:
         self._durable = durable
         self._password = password
         self._token = token
+        self._event_key = decode_key(event_key) if event_key is not None else None
         self._host = host
         self._transport: Transport = transport
         self._mqtt_port = mqtt_port or (8083 if transport == "websockets" else 1883)
@@ -240,27 +254,23 @@ class ChatClient:
         self._ack_timeout = ack_timeout
         self._sync_timeout = sync_timeout
         self._probe_interval = probe_interval
-        self._last_heard = 0.0
         self._ack_interval = ack_interval
         self._error_callback = on_error
         self._rng = random.Random()
 
         self._store: LocalStore | None = None
         self._device: DeviceAddress | None = None
-        self._sequencer = StreamSequencer()
+        self._machine: ClientMachine | None = None
         self._stream: _Feed[AnyStreamEvent] = _Feed()
         self._typing: _Feed[TypingEvent] = _Feed(maxsize=1000)
-        self._handed_out = 0
-        self._committed = 0
         self._waiters: dict[str, asyncio.Future[MessageAck]] = {}
-        self._retries: dict[str, int] = {}
         self._groups: set[str] = set()
         self._conn: _Connection | None = None
-        self._outbox_changed = asyncio.Event()
-        self._ack_needed = asyncio.Event()
+        self._wake = asyncio.Event()
         self._state = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
-        self._acker_task: asyncio.Task[None] | None = None
+        self._ticker_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         self._fatal: BaseException | None = None
         self._failures = 0
@@ -282,15 +292,25 @@ class ChatClient:
         store = LocalStore(self._store_path, durable=self._durable)
         try:
             device_id = store.claim(self.user_id, self._requested_device)
+            self._device = DeviceAddress(self.user_id, device_id)
+            self._machine = ClientMachine(
+                self._device,
+                cursor=store.cursor,
+                outbox=store.pending(),
+                event_key=self._event_key,
+                backoff=self._backoff,
+                rng=self._rng,
+                ack_timeout=self._ack_timeout,
+                sync_timeout=self._sync_timeout,
+                probe_interval=self._probe_interval,
+                ack_interval=self._ack_interval,
+            )
         except BaseException:
             store.close()
             raise
         self._store = store
-        self._device = DeviceAddress(self.user_id, device_id)
-        self._committed = self._handed_out = store.cursor
-        self._sequencer = StreamSequencer(store.cursor)
         self._runner = asyncio.create_task(self._run(), name=f"mqchat-client-{self._device.client_id}")
-        self._acker_task = asyncio.create_task(self._acker(), name="mqchat-client-acker")
+        self._ticker_task = asyncio.create_task(self._ticker(), name="mqchat-client-ticker")
 
     async def close(self) -> None:
         """Persist and ack what the application has taken from ``events()``, then disconnect.
@@ -301,16 +321,20 @@ class ChatClient:
         if self._closed:
             return
         self._closed = True
-        self._commit()
-        conn = self._conn
-        if conn is not None:
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError):
-                async with asyncio.timeout(2):
-                    await self._flush_ack(conn)
-        await _stop(task for task in (self._acker_task, self._runner) if task is not None)
+        machine = self._machine
+        conn = self._ready_connection()
+        if machine is not None:
+            for action in machine.close(_now()):
+                if isinstance(action, SendAck) and conn is not None:
+                    with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError):
+                        async with asyncio.timeout(2):
+                            await conn.mqtt.publish(self._inbox, _ack(action.seq), qos=1)
+                elif isinstance(action, PersistCursor):
+                    self._require_store().save_cursor(action.seq)
+        await _stop([*self._background, *(t for t in (self._ticker_task, self._runner) if t is not None)])
         self._end_all(ClientClosed("the client was closed"), for_feeds=None)
-        if self._store is not None:
-            self._store.save_cursor(self._committed)
+        if self._store is not None and machine is not None:
+            self._store.save_cursor(machine.committed)
             self._store.close()
         self._changed()
 
@@ -339,7 +363,13 @@ class ChatClient:
     @property
     def cursor(self) -> int:
         """The highest seq the application has processed (taken from ``events()`` and moved on)."""
-        return self._committed
+        return self._machine.committed if self._machine is not None else 0
+
+    @property
+    def rejected_events(self) -> dict[str, int]:
+        """Payloads on the stream and device topics dropped because they did not carry the
+        server's signature, by kind (e.g. ``"stream: unsigned"``). Each kind is logged once."""
+        return dict(self._machine.rejected) if self._machine is not None else {}
 
     def outbox(self) -> list[OutboxEntry]:
         """Sends not yet acknowledged by the server, oldest first."""
@@ -381,12 +411,12 @@ class ChatClient:
         one consumer at a time.
         """
         self._require_store()
-        return _StreamEvents(self)
+        return _StreamEvents(self._stream, self._commit, self._taken)
 
     def typing_events(self) -> AsyncIterator[TypingEvent]:
         """Ephemeral typing signals: from peers, and from groups given to ``watch_group_typing``.
         Not stored, not replayed; the oldest are dropped if nobody reads them."""
-        return _Typing(self)
+        return _Typing(self._typing)
 
     async def mark_read(self, message_id: int) -> None:
         """Mark ``message_id`` and everything before it in its conversation read.
@@ -436,122 +466,34 @@ class ChatClient:
         """Cut the current connection as a network failure would (the socket is shut down
         under the MQTT client); the client then reconnects and resends. For fault tests."""
         conn = self._conn
-        if conn is None:
-            return False
-        sock: Any = conn.mqtt._client.socket()
-        raw = getattr(sock, "_socket", sock)  # paho wraps the TCP socket for WebSocket
-        if raw is None:
-            return False
-        with contextlib.suppress(OSError):
-            raw.shutdown(socket.SHUT_RDWR)
-        return True
+        return conn is not None and _shut_down(conn.mqtt)
+
+    def feed(self, topic: str, payload: bytes) -> None:
+        """Hand the client a payload as if the broker had delivered it on ``topic``: what the
+        MQTT reader does with every delivery. It is checked like any other (an event on the
+        stream or device topic without the server's signature is dropped). For tests and for
+        other transports."""
+        if self._machine is not None and not self._closed:
+            self._apply(self._machine.receive(topic, payload, _now()))
 
     # ------------------------------------------------------------------ sending
 
     async def _send(self, command: SendMessage | SendGroupMessage) -> MessageAck:
         store = self._require_store()
+        machine = self._require_machine()
         self._check_usable()
         payload = command.model_dump_json().encode()
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise PayloadTooLarge(f"the command is {len(payload)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
         waiter: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()
         self._waiters[command.client_msg_id] = waiter
-        store.enqueue(command.client_msg_id, payload)  # synchronous: see mqchat/clients/store.py
-        self._outbox_changed.set()
+        position = store.enqueue(command.client_msg_id, payload)  # synchronous: see mqchat/clients/store.py
+        entry = OutboxEntry(position, command.client_msg_id, payload, 0.0)
+        self._apply(machine.outbox_added(entry, _now()))
         try:
             return await waiter
         finally:
             self._waiters.pop(command.client_msg_id, None)
-
-    async def _sender(self, conn: _Connection) -> None:
-        """Publish the outbox in order: first what is due again (unanswered for
-        ``ack_timeout``, or refused for now and its wait over), then what was never published
-        on this connection. A retryable refusal pauses the sender, so that the refused entry
-        goes out again before anything newer: the order survives unless messages published
-        behind it were accepted before the refusal came back."""
-        store = self._require_store()
-        loop = asyncio.get_running_loop()
-        while True:
-            self._outbox_changed.clear()
-            if loop.time() >= conn.paused_until:
-                due = sorted((f.position, cid) for cid, f in conn.inflight.items() if f.due <= loop.time())
-                for _, client_msg_id in due:
-                    if client_msg_id in conn.inflight and loop.time() >= conn.paused_until:
-                        await self._publish_entry(conn, client_msg_id)
-                for entry in store.pending(after=conn.published_upto):
-                    if loop.time() < conn.paused_until:
-                        break
-                    conn.inflight[entry.client_msg_id] = _InFlight(entry.position, entry.payload, 0.0)
-                    await self._publish_entry(conn, entry.client_msg_id)
-                    conn.published_upto = entry.position
-            wake = min((f.due for f in conn.inflight.values()), default=loop.time() + 3600)
-            if loop.time() < conn.paused_until:
-                wake = conn.paused_until
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(wake - loop.time(), 0.005)):
-                    await self._outbox_changed.wait()
-
-    async def _publish_entry(self, conn: _Connection, client_msg_id: str) -> None:
-        flight = conn.inflight[client_msg_id]
-        await conn.mqtt.publish(self._inbox, flight.payload, qos=1)
-        flight.due = asyncio.get_running_loop().time() + self._ack_timeout
-
-    def _own_message(self, event: NewMessage) -> None:
-        """Our message in our own stream proves it stored as much as its ack does (both are
-        published after the commit, on different topics): if the ack was lost, it stands in."""
-        if event.client_msg_id in self._waiters or self._require_store().has(event.client_msg_id):
-            self._on_message_ack(
-                MessageAck(
-                    client_msg_id=event.client_msg_id,
-                    server_msg_id=event.server_msg_id,
-                    seq=event.seq,
-                    created_at=event.created_at,
-                )
-            )
-
-    def _on_message_ack(self, ack: MessageAck) -> None:
-        # The message is at ack.seq in our own stream: if its live copy never comes (lost in
-        # transit), the watchdog sees the client behind and syncs. Not at once: the copy
-        # travels on another topic and usually arrives just after the ack.
-        self._sequencer.note_head(ack.seq)
-        cid = ack.client_msg_id
-        self._forget(cid)
-        waiter = self._waiters.pop(cid, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(ack)
-
-    def _on_error_event(self, event: ErrorEvent) -> None:
-        ref = event.ref
-        store = self._require_store()
-        if ref is not None and store.has(ref):
-            if event.code in RETRYABLE_CODES:
-                attempt = self._retries[ref] = self._retries.get(ref, 0) + 1
-                retry_after = getattr(event, "retry_after", None)  # with rate_limited
-                wait = float(retry_after) if retry_after is not None else self._backoff.delay(attempt - 1, self._rng)
-                conn = self._conn
-                flight = conn.inflight.get(ref) if conn is not None else None
-                if conn is not None and flight is not None:
-                    resume = asyncio.get_running_loop().time() + wait
-                    flight.due = resume
-                    conn.paused_until = max(conn.paused_until, resume)
-                    self._outbox_changed.set()
-                log.info("send %s refused for now (%s); retrying in %.2f s", ref, event.code, wait)
-                return
-            self._forget(ref)
-            waiter = self._waiters.pop(ref, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(chat_error(event.code, event.message, ref))
-                return
-        error = chat_error(event.code, event.message, ref)
-        log.warning("server error %s: %s", event.code, event.message)
-        if self._error_callback is not None:
-            self._error_callback(error)
-
-    def _forget(self, client_msg_id: str) -> None:
-        self._require_store().remove(client_msg_id)
-        self._retries.pop(client_msg_id, None)
-        if self._conn is not None:
-            self._conn.inflight.pop(client_msg_id, None)
 
     async def _publish_command(self, payload: bytes) -> None:
         """Publish on some connection (the current one or the next), at QoS 1."""
@@ -576,117 +518,92 @@ class ChatClient:
         conn = self._conn
         return conn if conn is not None and conn.ready else None
 
-    # --------------------------------------------------------- receiving, sync
+    # ------------------------------------------------- the machine's actions
 
-    def _dispatch(self, payload: bytes) -> None:
+    def _apply(self, actions: list[Action]) -> None:
+        """Carry out what the machine asked for, in order."""
+        for action in actions:
+            if isinstance(action, SendEntry):
+                self._publish(action.payload)
+            elif isinstance(action, Deliver):
+                for event in action.events:
+                    self._stream.put(event)
+            elif isinstance(action, Resolve):
+                self._require_store().remove(action.ack.client_msg_id)
+                waiter = self._waiters.pop(action.ack.client_msg_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(action.ack)
+            elif isinstance(action, SendAck):
+                self._publish(_ack(action.seq))
+            elif isinstance(action, PersistCursor):
+                self._require_store().save_cursor(action.seq)
+            elif isinstance(action, RequestSync):
+                self._publish(SyncMessages(since_seq=action.since_seq, limit=action.limit).model_dump_json().encode())
+            elif isinstance(action, DeliverTyping):
+                self._typing.put(action.event)
+            elif isinstance(action, Fail):
+                self._require_store().remove(action.client_msg_id)
+                waiter = self._waiters.pop(action.client_msg_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(action.error)
+                else:  # a send of an earlier run: nobody waits for it
+                    self._report(action.error)
+            elif isinstance(action, ReportError):
+                self._report(action.error)
+            elif isinstance(action, FetchSync):
+                task = asyncio.create_task(self._fetch_sync(action), name="mqchat-client-http-sync")
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        self._wake.set()  # the machine's deadline may have moved
+
+    def _publish(self, payload: bytes) -> None:
+        conn = self._ready_connection()
+        if conn is not None:
+            conn.outgoing.put_nowait(payload)
+        # else: the machine knows it is offline and asks again on the next connection
+
+    def _report(self, error: ChatError) -> None:
+        log.warning("server error %s: %s", error.code, error.message)
+        if self._error_callback is not None:
+            self._error_callback(error)
+
+    async def _fetch_sync(self, action: FetchSync) -> None:
+        """The server's own version of disputed seqs, over HTTP (not over MQTT, where the
+        disputed versions came from)."""
+        machine = self._require_machine()
+        path = f"/v1/sync?since_seq={action.since_seq}&limit={action.limit}"
         try:
-            event = decode_event(payload)
-        except (ChatError, ValueError) as exc:  # ValueError covers bad JSON and pydantic errors
-            log.warning("ignoring an event the client does not understand: %s", exc)
+            page = SyncResponse.model_validate(await self.http.request("GET", path, token=await self._access_token()))
+        except (ChatError, ClientError, ValidationError) as exc:
+            log.warning("GET /v1/sync failed (%s); asking again later", exc)
+            self._apply(machine.http_sync_failed())
             return
-        if isinstance(event, MessageAck):
-            self._on_message_ack(event)
-        elif isinstance(event, SyncResponse):
-            self._on_sync_response(event)
-        elif isinstance(event, ErrorEvent):
-            self._on_error_event(event)
-        elif isinstance(event, TypingEvent):
-            self._typing.put(event)
-        else:
-            self._take(event)
-            self._maybe_sync()
+        self._apply(machine.http_sync(page, _now()))
 
-    def _take(self, event: AnyStreamEvent) -> None:
-        self._last_heard = asyncio.get_running_loop().time()
-        if isinstance(event, NewMessage) and event.from_user == self.user_id:
-            self._own_message(event)
-        for ready in self._sequencer.offer(event):
-            self._stream.put(ready)
-
-    def _on_sync_response(self, response: SyncResponse) -> None:
-        self._last_heard = asyncio.get_running_loop().time()
-        for event in response.events:
-            self._take(event)
-        self._sequencer.note_head(response.latest_seq)
-        conn = self._conn
-        if conn is None:
-            return
-        if response.has_more:
-            # The server pages its own catch-up; an answer to our request needs the next ask.
-            if conn.catch_up_running:
-                conn.sync_deadline = asyncio.get_running_loop().time() + self._sync_timeout
-            else:
-                self._request_sync(conn)
-            return
-        conn.catch_up_running = False
-        if self._sequencer.contiguous > conn.sync_from or not self._sequencer.behind:
-            conn.syncing = False
-            self._maybe_sync()
-        else:
-            # An answer that filled nothing: the watchdog asks again after sync_timeout, so a
-            # stubborn hole costs one request per sync_timeout, not a tight loop.
-            conn.sync_deadline = asyncio.get_running_loop().time() + self._sync_timeout
-
-    def _maybe_sync(self) -> None:
-        conn = self._conn
-        if conn is not None and self._sequencer.behind and not conn.syncing:
-            self._request_sync(conn)
-
-    def _request_sync(self, conn: _Connection) -> None:
-        """Ask for the events after our contiguous prefix (one page; more pages on has_more)."""
-        conn.syncing = True
-        conn.sync_from = self._sequencer.contiguous
-        conn.sync_deadline = asyncio.get_running_loop().time() + self._sync_timeout
-        command = SyncMessages(since_seq=self._sequencer.contiguous, limit=SYNC_MAX_LIMIT)
-        self._spawn(conn, conn.mqtt.publish(self._inbox, command.model_dump_json().encode(), qos=1))
-
-    async def _sync_watchdog(self, conn: _Connection) -> None:
-        """A sync (or the catch-up) that gets no answer in time is asked for again; a known
-        hole is filled; and a stream silent for ``probe_interval`` is probed with a sync, since
-        a lost live delivery of the *last* event would otherwise go unnoticed until the next."""
-        loop = asyncio.get_running_loop()
+    async def _ticker(self) -> None:
+        """Calls the machine's ``tick`` at its deadline, and after every other input."""
+        machine = self._require_machine()
         while True:
-            await asyncio.sleep(min(1.0, self._sync_timeout / 2))
-            now = loop.time()
-            if conn.syncing:
-                if now > conn.sync_deadline:
-                    # Also when not behind: a catch-up that never came leaves the head unknown.
-                    conn.catch_up_running = False
-                    self._request_sync(conn)
-            elif self._sequencer.behind:
-                self._request_sync(conn)
-            elif self._probe_interval is not None and now - self._last_heard > self._probe_interval:
-                self._last_heard = now
-                self._request_sync(conn)
+            self._wake.clear()
+            deadline = machine.deadline
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if deadline is None else max(deadline - _now(), 0.005)):
+                    await self._wake.wait()
+            try:
+                self._apply(machine.tick(_now()))
+            except Exception:  # a bug must not stop resends and acks for good
+                log.exception("mqchat client %s: tick failed", self.user_id)
+                await asyncio.sleep(1)
 
     # ------------------------------------------------------- cursor and acks
 
     def _commit(self) -> None:
-        if self._handed_out > self._committed:
-            self._committed = self._handed_out
-            self._ack_needed.set()
+        if self._machine is not None and not self._closed:
+            self._apply(self._machine.commit(_now()))
 
-    async def _acker(self) -> None:
-        """Persist the cursor, then ack it (batched: at most one ack per ``ack_interval``)."""
-        while not self._closed:
-            await self._ack_needed.wait()
-            await asyncio.sleep(self._ack_interval)
-            self._ack_needed.clear()
-            conn = self._conn
-            if conn is None:
-                self._require_store().save_cursor(self._committed)
-                continue
-            try:
-                await self._flush_ack(conn)
-            except aiomqtt.MqttError:
-                self._ack_needed.set()  # again on the next connection
-
-    async def _flush_ack(self, conn: _Connection) -> None:
-        target = self._committed
-        self._require_store().save_cursor(target)  # local first: the server's cursor never runs ahead
-        if target > conn.acked:
-            await conn.mqtt.publish(self._inbox, Ack(seq=target).model_dump_json().encode(), qos=1)
-            conn.acked = max(conn.acked, target)
+    def _taken(self, seq: int) -> None:
+        if self._machine is not None:
+            self._machine.taken(seq)
 
     # --------------------------------------------------------------- connection
 
@@ -712,6 +629,8 @@ class ChatClient:
     async def _session(self) -> None:
         fresh = self._token is None
         token = await self._access_token()
+        if self._event_key is None:
+            await self._fetch_event_key(token, fresh=fresh)
         device = self._require_device()
         mqtt = aiomqtt.Client(
             self._host,
@@ -730,7 +649,9 @@ class ChatClient:
             try:
                 await mqtt.__aenter__()
             except BaseException:
-                _discard_socket(mqtt)
+                # A CONNACK that never came leaves the socket open (aiomqtt leaves it to the
+                # garbage collector); a refused one was closed by paho already.
+                _shut_down(mqtt)
                 raise
         except MqttConnectError as exc:
             code = _code(exc.rc)
@@ -754,13 +675,13 @@ class ChatClient:
 
     async def _connected(self, mqtt: aiomqtt.Client) -> None:
         device = self._require_device()
+        machine = self._require_machine()
         topics = [(stream_topic(self.user_id), 1), (device_topic(device), 1)]
         topics += [(group_topic(group), 0) for group in sorted(self._groups)]
         conn = _Connection(mqtt)
-        conn.sync_deadline = asyncio.get_running_loop().time() + self._sync_timeout
-        # Set before SUBSCRIBE: the catch-up pages can arrive before the SUBACK is processed.
         self._conn = conn
         try:
+            # Catch-up pages may arrive before the SUBACK: aiomqtt queues them for the reader.
             granted = await mqtt.subscribe(topics)
             if not (_granted(granted[0]) and _granted(granted[1])):
                 raise ClientError(f"the server refused the subscriptions of {device.client_id}: {granted}")
@@ -768,28 +689,39 @@ class ChatClient:
             self._failures = 0
             self.connections += 1
             self._changed()
-            if self._committed > 0:
-                self._ack_needed.set()  # tell this connection's server where we are
-            reader = asyncio.create_task(self._reader(mqtt))
-            sender = asyncio.create_task(self._sender(conn))
-            watchdog = asyncio.create_task(self._sync_watchdog(conn))
-            conn.tasks |= {reader, sender, watchdog}
-            done, _ = await asyncio.wait((reader, sender, watchdog), return_when=asyncio.FIRST_COMPLETED)
+            self._apply(machine.connection_made(_now()))
+            reader = asyncio.create_task(self._reader(conn), name="mqchat-client-reader")
+            writer = asyncio.create_task(self._writer(conn), name="mqchat-client-writer")
+            broken = asyncio.create_task(conn.broken.wait())
+            conn.tasks |= {reader, writer, broken}
+            done, _ = await asyncio.wait((reader, writer, broken), return_when=asyncio.FIRST_COMPLETED)
+            if conn.error is not None:
+                raise conn.error
             for task in done:
                 task.result()  # raises the error that ended the connection
             raise aiomqtt.MqttError("the connection ended")
         finally:
             self._conn = None
+            self._apply(machine.connection_lost())
             await _stop(list(conn.tasks))
             self._changed()
 
-    async def _reader(self, mqtt: aiomqtt.Client) -> None:
-        async for message in mqtt.messages:
+    async def _reader(self, conn: _Connection) -> None:
+        async for message in conn.mqtt.messages:
             payload = message.payload
             if isinstance(payload, bytes | bytearray):
-                self._dispatch(bytes(payload))
+                self.feed(message.topic.value, bytes(payload))
             elif isinstance(payload, str):
-                self._dispatch(payload.encode())
+                self.feed(message.topic.value, payload.encode())
+
+    async def _writer(self, conn: _Connection) -> None:
+        window = asyncio.Semaphore(_PUBLISH_WINDOW)
+        while True:
+            payload = await conn.outgoing.get()
+            await window.acquire()
+            task = asyncio.create_task(conn.mqtt.publish(self._inbox, payload, qos=1))
+            conn.tasks.add(task)
+            task.add_done_callback(functools.partial(_published, conn, window))
 
     async def _token_refused(self, token: str) -> bool:
         try:
@@ -805,21 +737,35 @@ class ChatClient:
             return self._token
         assert self._password is not None
         try:
-            self._token = await self.http.login(self.user_id, self._password, device_id=self.device_id)
+            session = await self.http.session(self.user_id, self._password, device_id=self.device_id)
         except (NotAuthorized, InvalidCommand) as exc:
             raise LoginFailed(f"login of {self.user_id!r} refused: {exc.message}", exc) from exc
+        self._token = session.token
+        if session.event_key is not None:
+            self._set_event_key(session.event_key)
         return self._token
+
+    async def _fetch_event_key(self, token: str, *, fresh: bool) -> None:
+        """A client given only a token learns the user's event key from the API."""
+        try:
+            key = await self.http.event_key(token)
+        except NotAuthorized as exc:
+            if self._password is not None and not fresh:
+                self._token = None  # log in again (which brings the key) on the next attempt
+                raise
+            raise LoginFailed(f"the server refused the token of {self.user_id!r}: {exc.message}", exc) from exc
+        self._set_event_key(key)
+
+    def _set_event_key(self, key: bytes) -> None:
+        self._event_key = key
+        if self._machine is not None:
+            self._machine.set_event_key(key)
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def _inbox(self) -> str:
         return inbox_topic(self._require_device())
-
-    def _spawn(self, conn: _Connection, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(_quietly(work))
-        conn.tasks.add(task)
-        task.add_done_callback(conn.tasks.discard)
 
     def _changed(self) -> None:
         """Wake everyone waiting for a change of state (connected, disconnected, closed)."""
@@ -850,6 +796,11 @@ class ChatClient:
             raise ClientClosed("the client is not started; call start() or use 'async with'")
         return self._store
 
+    def _require_machine(self) -> ClientMachine:
+        if self._machine is None:
+            raise ClientClosed("the client is not started; call start() or use 'async with'")
+        return self._machine
+
     def _require_device(self) -> DeviceAddress:
         if self._device is None:
             raise ClientClosed("the client is not started; call start() or use 'async with'")
@@ -873,6 +824,14 @@ def _new_id() -> str:
     return str(uuid.uuid4())
 
 
+def _now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _ack(seq: int) -> bytes:
+    return Ack(seq=seq).model_dump_json().encode()
+
+
 def _code(rc: int | ReasonCode | None) -> int | None:
     if isinstance(rc, ReasonCode):
         return int(rc.value)
@@ -887,13 +846,41 @@ def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _discard_socket(mqtt: aiomqtt.Client) -> None:
-    """Close the socket of a connection attempt that failed after the TCP connect (CONNACK
-    refused or never received): aiomqtt leaves it to the garbage collector."""
-    paho = mqtt._client
-    if paho.socket() is not None:
-        with contextlib.suppress(OSError):
-            paho._sock_close()
+def _published(conn: _Connection, window: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
+    window.release()
+    conn.tasks.discard(task)
+    if not task.cancelled() and (error := task.exception()) is not None:
+        conn.fail(error)
+
+
+def _paho(mqtt: aiomqtt.Client) -> paho.Client:
+    """The paho client under an aiomqtt client.
+
+    The one private access of the SDK: aiomqtt 2.x offers no public way to reach the socket,
+    and two things need it: cutting a connection on purpose (``drop_connection``, for fault
+    tests) and closing the socket of an attempt whose CONNACK never came (aiomqtt leaves it
+    open). Everything used on the paho side (``socket()``, ``fileno()``) is public.
+    """
+    client: paho.Client = mqtt._client  # noqa: SLF001
+    return client
+
+
+def _shut_down(mqtt: aiomqtt.Client) -> bool:
+    """Shut the connection's socket down as a network failure would: paho's reader then sees
+    the end of the stream and closes its socket itself (so aiomqtt unregisters it too).
+
+    Through a duplicate of the descriptor: paho hands out a wrapper for WebSocket and TLS
+    connections, but ``fileno()`` is public on all of them, and ``shutdown`` acts on the
+    connection, not on the descriptor."""
+    sock = _paho(mqtt).socket()
+    if sock is None:
+        return False
+    try:
+        with socket.fromfd(sock.fileno(), socket.AF_INET, socket.SOCK_STREAM) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        return False
+    return True
 
 
 async def _stop(tasks: Iterable[asyncio.Task[Any]]) -> None:
@@ -912,8 +899,3 @@ async def _stop(tasks: Iterable[asyncio.Task[Any]]) -> None:
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             log.debug("task %s ended with %r", task.get_name(), task.exception())
-
-
-async def _quietly(work: Coroutine[Any, Any, None]) -> None:
-    with contextlib.suppress(aiomqtt.MqttError):
-        await work

@@ -13,6 +13,7 @@ from typing import Any
 
 from mqchat.clients.errors import ApiUnavailable, chat_error
 from mqchat.core.errors import ChatError
+from mqchat.core.origin import decode_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,15 @@ class Conversation:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What a login gives: the access token, and the user's event key (docs/protocol.md,
+    "Event signatures"); None from a server that does not sign events."""
+
+    token: str
+    event_key: bytes | None
+
+
 class HttpApi:
     """``base_url`` like ``http://127.0.0.1:8080``; ``ssl_context`` is used for ``https``."""
 
@@ -78,9 +88,22 @@ class HttpApi:
     async def login(self, user_id: str, password: str, *, device_id: str | None = None) -> str:
         """An access token for the user (``POST /v1/token``); with ``device_id``, one that only
         that device may use (a server that predates device scopes ignores the field)."""
+        return (await self.session(user_id, password, device_id=device_id)).token
+
+    async def session(self, user_id: str, password: str, *, device_id: str | None = None) -> Session:
+        """``login()``, with the user's event key that comes with the token."""
         body = {"user_id": user_id, "password": password} | ({"device_id": device_id} if device_id else {})
         answer = await self.request("POST", "/v1/token", body=body)
-        return str(answer["access_token"])
+        key = answer.get("event_key")
+        return Session(str(answer["access_token"]), decode_key(str(key)) if key else None)
+
+    async def event_key(self, token: str) -> bytes:
+        """The key that verifies the ``sig`` of the user's events (``GET /v1/event-key``)."""
+        answer = await self.request("GET", "/v1/event-key", token=token)
+        try:
+            return decode_key(str(answer["event_key"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ApiUnavailable(f"GET /v1/event-key gave no usable key: {answer!r:.200}") from exc
 
     async def conversations(self, token: str, limit: int = 100) -> list[Conversation]:
         answer = await self.request("GET", f"/v1/conversations?limit={limit}", token=token)
@@ -122,6 +145,8 @@ class HttpApi:
 def _error_from(exc: urllib.error.HTTPError) -> ChatError:
     try:
         error = json.loads(exc.read())["error"]
-        return chat_error(str(error["code"]), str(error["message"]))
+        retry_after = error.get("retry_after")
+        retry_after = float(retry_after) if isinstance(retry_after, int | float) else None
+        return chat_error(str(error["code"]), str(error["message"]), retry_after=retry_after)
     except (ValueError, KeyError, TypeError, OSError):
         return chat_error("internal_error" if exc.code >= 500 else "invalid_command", f"HTTP {exc.code}: {exc.reason}")

@@ -40,6 +40,10 @@ class StreamSequencer:
     def note_head(self, latest_seq: int) -> None:
         self._head = max(self._head, latest_seq)
 
+    def discard(self, seq: int) -> bool:
+        """Forget a held event (one found not to be trustworthy): its seq is a hole again."""
+        return self._held.pop(seq, None) is not None
+
     def offer(self, event: AnyStreamEvent) -> list[AnyStreamEvent]:
         """The events, in order, that ``event`` makes contiguous (often just ``[event]``)."""
         seq = event.seq

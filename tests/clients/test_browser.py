@@ -8,6 +8,8 @@ only: the page does not care which store the server uses.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 from collections.abc import AsyncIterator
@@ -142,9 +144,13 @@ class ChatPage:
         return self.network is not None and self.network.was_cut and text == _SEND_ON_CLOSED_SOCKET
 
     @classmethod
-    async def open(cls, browser: Browser, server: RunningServer, *, cuttable: bool = False) -> ChatPage:
+    async def open(
+        cls, browser: Browser, server: RunningServer, *, cuttable: bool = False, init_script: str | None = None
+    ) -> ChatPage:
         context = await browser.new_context()
         context.set_default_timeout(WAIT_MS)
+        if init_script is not None:
+            await context.add_init_script(init_script)
         network = None
         if cuttable:
             network = Network()
@@ -215,8 +221,8 @@ async def pages(browser: Browser, server: RunningServer) -> AsyncIterator[Any]:
     """``await pages()`` opens a new browser context on the page; all are closed at the end."""
     opened: list[ChatPage] = []
 
-    async def open_page(*, cuttable: bool = False) -> ChatPage:
-        chat = await ChatPage.open(browser, server, cuttable=cuttable)
+    async def open_page(*, cuttable: bool = False, init_script: str | None = None) -> ChatPage:
+        chat = await ChatPage.open(browser, server, cuttable=cuttable, init_script=init_script)
         opened.append(chat)
         return chat
 
@@ -393,3 +399,61 @@ async def test_a_second_tab_of_the_same_browser_stays_idle(server: RunningServer
     assert alice.connects == 1
     await expect(alice.connection).to_have_text("online")
     assert second.console_errors == []
+
+
+# What a page served over plain http from another host sees: no Web Crypto (secure contexts only).
+NO_WEB_CRYPTO = "Object.defineProperty(Crypto.prototype, 'subtle', { get() { return undefined; } });"
+
+
+@pytest.mark.parametrize("engine", ["webcrypto", "js"])
+async def test_forged_events_are_ignored_and_the_real_ones_show(server: RunningServer, pages: Any, engine: str) -> None:
+    """Forged alice messages at seqs 1-3 reach bob's page (as a Last Will once delivered them);
+    its check of the sig drops them, with Web Crypto or with origin.js's own HMAC."""
+    alice_token = await register(server, "alice")
+    await register(server, "bob")
+    bob = await pages(init_script=NO_WEB_CRYPTO if engine == "js" else None)
+    await bob.login("bob")
+    assert await bob.page.evaluate("state.verify.engine") == engine
+    await bob.chat_with("alice")  # open: accepted forgeries would show here at once
+    forged = [
+        json.dumps({
+            "type": "new_message", "seq": seq, "server_msg_id": 9000 + seq, "client_msg_id": f"forged-{seq}",
+            "from_user": "alice", "to_user": "bob", "content": f"forged {seq}", "msg_type": "text",
+            "created_at": "2026-01-01T00:00:00.000Z", **({"sig": "A" * 43} if seq % 2 else {}),
+        }, separators=(",", ":"))
+        for seq in (1, 2, 3)
+    ]  # fmt: skip
+    page = {"type": "sync_response", "events": [json.loads(f) for f in forged], "latest_seq": 3, "has_more": False}
+    rejected = await bob.page.evaluate(
+        """async ([stream, device]) => {
+            const bytes = (text) => new TextEncoder().encode(text);
+            const emit = (topic, payload) => state.mqtt.emit("message", topic, bytes(payload), {});
+            for (const payload of stream) emit("chat/user/bob", payload);
+            for (const payload of device) emit(`chat/device/bob/${state.device}`, payload);
+            await state.inbound;
+            return { rejected: state.rejected, cursor: state.cursor };
+        }""",
+        [forged, [json.dumps(page)]],
+    )
+    assert rejected == {
+        "rejected": {"stream: bad signature": 2, "stream: unsigned": 1, "device: unsigned": 1},
+        "cursor": 0,
+    }
+    await expect(bob.messages).to_have_count(0)
+
+    real = [f"real {n}" for n in (1, 2, 3)]
+    async with http_client(server, alice_token) as http:
+        acks = []
+        for n, text in enumerate(real):
+            sent = await http.post("/v1/messages", json={"client_msg_id": f"m{n}", "to_user": "bob", "content": text})
+            assert sent.status_code == 200, sent.text
+            acks.append(sent.json())
+        await expect(bob.messages).to_have_count(3)
+        assert await bob.texts() == real  # once each, and nothing forged
+        # bob's page acked (and read) them: the last one's receipt shows it delivered.
+        async with asyncio.timeout(20):
+            while True:
+                receipts = (await http.get(f"/v1/messages/{acks[-1]['server_msg_id']}/receipts")).json()["receipts"]
+                if [r["delivered_at"] is not None for r in receipts if r["user_id"] == "bob"] == [True]:
+                    break
+                await asyncio.sleep(0.1)

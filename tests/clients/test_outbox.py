@@ -26,7 +26,7 @@ from mqchat.clients import ChatClient
 
 async def main() -> None:
     store, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    client = ChatClient("alice", token=token, mqtt_port=port, store_path=store, device_id="phone")
+    client = ChatClient("alice", token=token, mqtt_port=port, http_port=port, store_path=store, device_id="phone")
     await client.start()
     asyncio.ensure_future(client.send(to_user="bob", content="written before the crash"))
     await asyncio.sleep(0)  # the send has its outbox entry now

@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiomqtt
+import paho.mqtt.client as paho
 import pytest
 
 from mqchat.clients import Backoff, StoreInUse
+from mqchat.clients.client import _paho
 from mqchat.clients.errors import chat_error
 from mqchat.clients.sequencer import StreamSequencer
 from mqchat.clients.store import LocalStore
-from mqchat.core.errors import ChatError, UnknownRecipient
+from mqchat.core.errors import ChatError, RateLimited, UnknownRecipient
 from mqchat.core.protocol import NewMessage
 
 
@@ -80,6 +83,9 @@ def test_error_codes_become_the_protocol_s_exceptions() -> None:
     assert isinstance(error, UnknownRecipient) and error.ref == "ref-1"
     newer = chat_error("from_the_future", "?")
     assert type(newer) is ChatError and newer.code == "from_the_future"
+    limited = chat_error("rate_limited", "slow down", "ref-2", retry_after=2.5)
+    assert isinstance(limited, RateLimited) and limited.retry_after == 2.5 and limited.ref == "ref-2"
+    assert isinstance(guessed := chat_error("rate_limited", "slow down"), RateLimited) and guessed.retry_after == 1.0
 
 
 def test_the_sdk_imports_no_server_framework() -> None:
@@ -91,3 +97,11 @@ def test_the_sdk_imports_no_server_framework() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+async def test_the_one_private_access_of_the_sdk_still_holds() -> None:
+    """``_paho`` reads aiomqtt's ``Client._client`` (noqa SLF001): an aiomqtt upgrade that
+    renames it must fail here, by name, not in a fault test."""
+    client = aiomqtt.Client("127.0.0.1", 1)
+    assert isinstance(_paho(client), paho.Client), "aiomqtt.Client._client is no longer the paho client"
+    assert _paho(client).socket() is None  # public on paho; None before connecting

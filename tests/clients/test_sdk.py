@@ -203,6 +203,7 @@ async def test_over_websocket(server: RunningServer, tmp_path: Path) -> None:
         token=alice_token,
         host="127.0.0.1",
         mqtt_port=server.ws_port,
+        http_port=server.http_port,  # for the event key: a token alone does not carry it
         transport="websockets",
         store_path=tmp_path / "alice.db",
     )
@@ -292,7 +293,11 @@ async def test_over_tls(server: RunningServer, tmp_path: Path, certificate: tupl
     alice_token, bob_token = await register(server, "alice"), await register(server, "bob")
     async with tls_proxy(server.mqtt_port, cert, key) as port:
         trusted = ssl.create_default_context(cafile=str(cert))
-        alice = make_client("alice", tmp_path / "alice.db", token=alice_token, mqtt_port=port, tls=trusted)
+        # The proxy covers MQTT only: the event key comes from the plain HTTP port.
+        api = f"http://127.0.0.1:{server.http_port}"
+        alice = make_client(
+            "alice", tmp_path / "alice.db", token=alice_token, mqtt_port=port, http_url=api, tls=trusted
+        )
         bob = client_for(server, "bob", bob_token, tmp_path)
         async with started(alice, bob):
             ack = await asyncio.wait_for(alice.send(to_user="bob", content="over TLS"), 15)

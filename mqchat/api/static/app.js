@@ -1,8 +1,10 @@
 "use strict";
 // The mqchat browser page. It speaks the protocol of docs/protocol.md: HTTP for logging in, the
 // conversation list and history; MQTT over WebSocket (MQTT.js) for everything live. What it
-// keeps in localStorage: the device id, the login (user and token), and per user and device the
-// cursor (the last stream seq processed) and the outbox (messages not yet acknowledged).
+// keeps in localStorage: the device id, the login (user, token and event key), and per user and
+// device the cursor (the last stream seq processed) and the outbox (messages not yet
+// acknowledged). Events on the stream and device topics count only with the server's "sig"
+// (origin.js): a forged one must not take the place of a real one.
 
 const RETRYABLE = new Set(["server_busy", "storage_unavailable", "rate_limited"]);
 const RESEND_AFTER_MS = 15000;
@@ -56,6 +58,10 @@ const state = {
   read: {}, // conversation id -> {user: highest message id read}
   readUpTo: {}, // conversation id -> our own read marker
   timers: {},
+  eventKey: null, // base64url, from POST /v1/token: verifies the sig of our stream and device events
+  verify: null, // payload -> body without the sig, or null (origin.js)
+  inbound: Promise.resolve(), // incoming messages, handled one after the other (verifying is async)
+  rejected: {}, // kind -> how many payloads without the server's sig were dropped
 };
 
 const key = (name) => `mqchat.${name}.${state.user}.${state.device}`;
@@ -123,8 +129,8 @@ function later(name, ms, fn) {
 async function login(user, password) {
   const device = deviceId();
   const token = await api("POST", "/v1/token", { user_id: user, password, device_id: device });
-  saved.set("mqchat.session", { user, token: token.access_token });
-  await start(user, token.access_token);
+  saved.set("mqchat.session", { user, token: token.access_token, eventKey: token.event_key });
+  await start(user, token.access_token, token.event_key);
 }
 
 function logout(message) {
@@ -136,7 +142,7 @@ function logout(message) {
   Object.values(state.timers).forEach(clearTimeout);
   Object.assign(state, {
     user: null, token: null, ready: false, open: null, conversations: [], messages: new Map(),
-    held: new Map(), outbox: [], delivered: {}, read: {}, readUpTo: {},
+    held: new Map(), outbox: [], delivered: {}, read: {}, readUpTo: {}, eventKey: null, verify: null,
   });
   setStatus("offline");
   $("chat").hidden = true;
@@ -158,8 +164,9 @@ function holdTabLock() {
   });
 }
 
-async function start(user, token) {
+async function start(user, token, eventKey) {
   Object.assign(state, { user, token, device: deviceId() });
+  await useEventKey(eventKey);
   state.cursor = saved.get(key("cursor"), 0);
   state.outbox = saved.get(key("outbox"), []);
   $("login").hidden = true;
@@ -178,8 +185,15 @@ async function start(user, token) {
 async function refreshToken() {
   const token = await api("POST", "/v1/token/refresh");
   state.token = token.access_token;
-  saved.set("mqchat.session", { user: state.user, token: state.token });
+  await useEventKey(token.event_key);
+  saved.set("mqchat.session", { user: state.user, token: state.token, eventKey: state.eventKey });
   if (state.mqtt) state.mqtt.options.password = state.token; // used by the next reconnect
+}
+
+async function useEventKey(eventKey) {
+  if (!eventKey || eventKey === state.eventKey) return;
+  state.verify = await mqchatOrigin.makeVerifier(mqchatOrigin.decodeBase64url(eventKey));
+  state.eventKey = eventKey;
 }
 
 // ---------------------------------------------------------------------------------- MQTT
@@ -260,19 +274,42 @@ function publish(command) {
 }
 
 function onMessage(topic, payload) {
+  // Checking the sig is async: chain the messages so that they are handled in arrival order.
+  const client = state.mqtt;
+  state.inbound = state.inbound
+    .then(() => handleMessage(client, topic, payload))
+    .catch((error) => console.warn("mqtt: a message could not be handled", error));
+}
+
+async function handleMessage(client, topic, payload) {
+  const signed = topic === deviceTopic() ? "device" : topic === streamTopic() ? "stream" : null;
+  let body = payload;
+  if (signed) {
+    // Only the server and this user's devices hold the key: anything else put on our topics
+    // (a Last Will once got past the broker's ACL) is dropped before it can touch the cursor.
+    body = state.verify ? await state.verify(payload) : null;
+    if (body === null) return reject(signed, payload);
+  }
+  if (state.mqtt !== client) return; // logged out meanwhile
   let event;
   try {
-    event = JSON.parse(new TextDecoder().decode(payload));
+    event = JSON.parse(new TextDecoder().decode(body));
   } catch {
     return;
   }
-  if (topic === deviceTopic()) {
+  if (signed === "device") {
     if (event.type === "message_ack") onMessageAck(event);
     else if (event.type === "sync_response") onSyncResponse(event);
     else if (event.type === "error") onErrorEvent(event);
-  } else if (topic === streamTopic() && typeof event.seq === "number") {
+  } else if (signed === "stream" && typeof event.seq === "number") {
     receive([event]); // typing events (no seq) are not shown by this page
   }
+}
+
+function reject(where, payload) {
+  const kind = `${where}: ${state.verify === null ? "no event key" : mqchatOrigin.splitSig(payload) ? "bad signature" : "unsigned"}`;
+  state.rejected[kind] = (state.rejected[kind] ?? 0) + 1;
+  if (state.rejected[kind] === 1) console.warn(`dropping an event that is not the server's (${kind}); further ones are counted`);
 }
 
 // ---------------------------------------------------------------------------------- the stream
@@ -656,8 +693,8 @@ async function main() {
   try {
     state.user = session.user;
     state.token = session.token;
-    await refreshToken(); // checks the saved token and extends it
-    await start(session.user, state.token);
+    await refreshToken(); // checks the saved token and extends it; brings the event key
+    await start(session.user, state.token, state.eventKey);
   } catch (error) {
     if (state.token) showError(`cannot start: ${error.message}`);
   }
