@@ -142,11 +142,12 @@ async def test_a_reader_that_never_reads_is_closed_at_the_buffer_limit(
 @pytest.mark.parametrize("extra_limits", [{"max_unacked_deliveries": 50}])
 async def test_a_reader_that_never_acknowledges_is_closed_at_the_inflight_limit(server: RunningServer) -> None:
     alice, bob = await register(server, "alice"), await register(server, "bob")
-    async with raw_client(server.mqtt_port or 0) as raw, connect_device(server, "alice", "phone", alice) as phone:
+    async with raw_client(server.mqtt_port or 0) as raw:
         await raw.send(Connect("bob:lazy", True, 0, "bob", bob.encode()).encode())
         await raw.send(Subscribe(1, (("chat/user/bob", 1),)).encode())
-        await phone.next("sync_response")
-        await flood(phone, "bob", 80, 10)  # limits.max_unacked_deliveries = 50; bob reads, never PUBACKs
+        await raw.read_packet()  # CONNACK
+        await raw.read_packet()  # SUBACK
+        await flood_over_http(server, alice, "bob", 80, 10)  # limits.max_unacked_deliveries = 50; never PUBACKed
         received = 0
         while await raw.read_packet(10):
             received += 1
