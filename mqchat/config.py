@@ -196,6 +196,23 @@ class BridgeSettings(_Section):
     """A device's typing signals to one target are relayed at most this often (a state change always passes)."""
 
 
+class ClusterSettings(_Section):
+    """Cluster mode's timings (docs/scaling.md). Cluster mode itself is on when ``redis_url`` is set."""
+
+    heartbeat_seconds: float = Field(default=2, gt=0)
+    """How often a node renews its liveness key in Redis and looks for dead nodes."""
+    node_ttl_seconds: float = Field(default=10, gt=0)
+    """A node whose liveness key is older than this is dead: a survivor clears its devices'
+    presence. Recovery of presence after a node dies takes up to this plus a heartbeat."""
+    probe_seconds: float = Field(default=5, gt=0)
+    """How often a node sends itself a message through its own Redis subscription; one that does
+    not come back within ``probe_timeout_seconds`` means the subscription is dead: reconnect."""
+    probe_timeout_seconds: float = Field(default=2, gt=0)
+    group_cache_seconds: float = Field(default=30, gt=0)
+    """Backstop for the group-membership cache: an entry older than this is read again, even if
+    the change's invalidation was lost."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MQCHAT_",
@@ -207,6 +224,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """SQLAlchemy URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
     database: DatabaseSettings = DatabaseSettings()
+    redis_url: str | None = None
+    """Redis for cluster mode, e.g. ``redis://127.0.0.1:6379/0``. Unset: a single node."""
+    node_id: str | None = None
+    """This node's name in the cluster (default: host name and process id)."""
+    cluster: ClusterSettings = ClusterSettings()
     log_level: str = "INFO"
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """``auto``: uvloop when it is installed (``pip install mqchat[fast]``), else asyncio's own."""

@@ -243,12 +243,11 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     http_socks = _http_sockets(settings)
     fds = FdExhaustion().install(asyncio.get_running_loop())
     try:
-        async with build_services(settings) as services:
+        async with build_services(settings, serve=True) as services:
             broker = MqttServer(services)
             host = AmqttHost(broker, settings)
             await host.start()
-            services.chat.attach_publisher(broker)
-            services.chat.attach_sessions(broker)
+            services.chat.attach(broker)
             try:
                 # The browser page learns the bound ports (they differ from the settings with port 0).
                 client_config = ClientConfig(ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss"))
@@ -259,8 +258,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                         )
                     yield _running(services, broker, http_socks)
             finally:
-                services.chat.attach_publisher(None)
-                services.chat.attach_sessions(None)
+                services.chat.attach(None)
                 await broker.close()
                 await host.shutdown()
     finally:

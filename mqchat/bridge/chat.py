@@ -16,13 +16,16 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mqchat.bridge.auth import EventKeys
+from mqchat.bridge.cluster import Bucket, Degraded, RedisCluster
+from mqchat.bridge.fanout import Fanout, Publisher, SessionControl
 from mqchat.bridge.notify import StreamNotifier
-from mqchat.bridge.presence import PresenceTracker, TypingThrottle
+from mqchat.bridge.presence import ClusterPresence, LocalPresence, PresenceBook, TypingThrottle
 from mqchat.bridge.ratelimit import ConcurrencyLimit, TokenBuckets
 from mqchat.bridge.store import Emitted, GroupInfo, MessageStore, SendOutcome, SendRequest
 from mqchat.config import BridgeSettings, LimitsSettings
@@ -46,27 +49,18 @@ from mqchat.core.protocol import (
     format_time,
     parse_command,
 )
-from mqchat.core.topics import device_topic, group_topic, inbox_topic, presence_topic, stream_topic
+from mqchat.core.topics import inbox_topic
 
 log = logging.getLogger(__name__)
 
 AnySend = SendMessage | SendGroupMessage
 
 
-class Publisher(Protocol):
-    """Delivers a payload to the subscribers of a topic (the broker, in production)."""
-
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None: ...
+__all__ = ["ChatService", "GroupDirectory", "Publisher", "SessionControl"]
 
 
-class SessionControl(Protocol):
-    """Ends live connections (the broker, in production)."""
-
-    async def close_device(self, device: DeviceAddress) -> bool:
-        """Close the device's live MQTT connection; False if it had none."""
-
-    async def close_user(self, user_id: str) -> int:
-        """Close every live MQTT connection of the user; how many there were."""
+class _Broker(Publisher, SessionControl, Protocol):
+    """The broker is both: it delivers to this node's devices and controls their connections."""
 
 
 @dataclass(slots=True)
@@ -94,9 +88,13 @@ def _request(sender: str, command: AnySend) -> SendRequest:
 
 
 class _Limits:
-    """What one device and one user may cost: token buckets, and concurrent stream reads."""
+    """What one device and one user may cost: token buckets, and concurrent stream reads.
+
+    In cluster mode the user's send bucket lives in Redis (a user may be on several nodes);
+    the others protect this node's own resources and stay here."""
 
     def __init__(self, limits: LimitsSettings) -> None:
+        self.settings = limits
         self.device_sends = TokenBuckets(limits.send_rate_per_second, limits.send_burst)
         self.user_sends = TokenBuckets(limits.user_send_rate_per_second, limits.user_send_burst)
         self.commands = TokenBuckets(limits.command_rate_per_second, limits.command_burst)
@@ -107,27 +105,34 @@ class _Limits:
 class GroupDirectory:
     """Active members per group, cached for the ACL's per-delivery checks.
 
-    Every membership change goes through ``ChatService``, which refreshes the entry."""
+    Every membership change goes through a ``ChatService``, which refreshes the entry; in
+    cluster mode it tells the other nodes to forget theirs, and an entry older than
+    ``max_age`` seconds is read again anyway, in case that message was lost."""
 
-    def __init__(self, store: MessageStore) -> None:
+    def __init__(self, store: MessageStore, max_age: float | None = None) -> None:
         self._store = store
-        self._members: dict[str, frozenset[str]] = {}
+        self._max_age = max_age
+        self._members: dict[str, tuple[frozenset[str], float]] = {}
 
     async def members(self, group_id: str) -> frozenset[str]:
         cached = self._members.get(group_id)
-        if cached is None:
-            cached = await self._store.active_members(group_id)
-            # Only groups with members are kept: random ids asked for by a client must not
-            # grow this cache.
-            if cached:
-                self._members[group_id] = cached
-        return cached
+        now = time.monotonic()
+        if cached is not None and (self._max_age is None or now - cached[1] < self._max_age):
+            return cached[0]
+        members = await self._store.active_members(group_id)
+        # Only groups with members are kept: random ids asked for by a client must not grow this cache.
+        if members:
+            self._members[group_id] = (members, now)
+        return members
 
     async def is_member(self, group_id: str, user_id: str) -> bool:
         return user_id in await self.members(group_id)
 
     async def refresh(self, group_id: str) -> None:
-        self._members[group_id] = await self._store.active_members(group_id)
+        self._members[group_id] = (await self._store.active_members(group_id), time.monotonic())
+
+    def forget(self, group_id: str) -> None:
+        self._members.pop(group_id, None)
 
 
 class ChatService:
@@ -139,21 +144,23 @@ class ChatService:
         max_payload_bytes: int,
         limits: LimitsSettings | None = None,
         event_keys: EventKeys | None = None,
+        cluster: RedisCluster | None = None,
+        group_cache_seconds: float | None = None,
     ) -> None:
         self._store = store
-        # Signs what goes to stream and device topics, so devices can tell forgeries (core/origin.py).
-        self._keys = event_keys
         self._settings = settings
         self._max_payload = max_payload_bytes
         self._limits = _Limits(limits or LimitsSettings())
-        self._sessions: SessionControl | None = None
+        self._cluster = cluster
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=settings.queue_size)
-        self._publisher: Publisher | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.notifier = StreamNotifier()
-        self.groups = GroupDirectory(store)
-        self.presence = PresenceTracker()
+        # The one way out; signs what goes to stream and device topics (core/origin.py).
+        self.fanout = Fanout(self.notifier, event_keys, cluster)
+        self.groups = GroupDirectory(store, group_cache_seconds if cluster is not None else None)
+        self.fanout.on_group_changed = self.groups.forget
+        self.presence: PresenceBook = LocalPresence() if cluster is None else ClusterPresence(cluster)
         self._typing = TypingThrottle(settings.typing_interval_seconds)
 
     @property
@@ -164,19 +171,26 @@ class ChatService:
     def settings(self) -> BridgeSettings:
         return self._settings
 
-    def attach_publisher(self, publisher: Publisher | None) -> None:
-        self._publisher = publisher
+    @property
+    def cluster(self) -> RedisCluster | None:
+        return self._cluster
 
-    def attach_sessions(self, sessions: SessionControl | None) -> None:
-        self._sessions = sessions
+    def attach(self, broker: _Broker | None) -> None:
+        """The broker delivers to this node's devices and controls their connections."""
+        self.fanout.attach(broker, broker)
 
     async def close_device(self, device: DeviceAddress) -> bool:
-        """End the device's live MQTT connection, if it has one (device revocation)."""
-        return self._sessions is not None and await self._sessions.close_device(device)
+        """End the device's live MQTT connection wherever it is (device revocation)."""
+        self.fanout.close_elsewhere("close_device", user=device.user_id, device=device.device_id)
+        sessions = self.fanout.sessions
+        return sessions is not None and await sessions.close_device(device)
 
     async def close_user(self, user_id: str) -> int:
-        """End every live MQTT connection of the user (logged out everywhere)."""
-        return 0 if self._sessions is None else await self._sessions.close_user(user_id)
+        """End every live MQTT connection of the user wherever it is (logged out everywhere);
+        how many there were on this node."""
+        self.fanout.close_elsewhere("close_user", user=user_id)
+        sessions = self.fanout.sessions
+        return 0 if sessions is None else await sessions.close_user(user_id)
 
     async def start(self) -> None:
         if self._worker is None:
@@ -193,6 +207,7 @@ class ChatService:
         self._worker = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.fanout.drain()
 
     # ------------------------------------------------------------- intake
 
@@ -244,8 +259,11 @@ class ChatService:
     def _limit_send(self, user_id: str, device_key: str, ref: str) -> None:
         # Refused before the queue: a flood from one device never crowds out the others. Per user
         # too: device ids are free, and one token over ten device ids must not send ten times as much.
+        # A device is on one node at a time; a user may be on several: in cluster mode the user's
+        # bucket is taken in Redis, for a whole commit batch at once (``_cluster_limits``).
         self._limits.device_sends.take(device_key, ref=ref)
-        self._limits.user_sends.take(user_id, ref=ref)
+        if self._cluster is None:
+            self._limits.user_sends.take(user_id, ref=ref)
 
     def _enqueue(self, pending: _Pending) -> None:
         try:
@@ -305,10 +323,40 @@ class ChatService:
                 self._queue.task_done()
 
     async def _store_batch(self, batch: list[_Pending]) -> list[SendOutcome | ChatError]:
+        refused = await self._cluster_limits(batch) if self._cluster is not None else [None] * len(batch)
+        admitted = [pending for pending, refusal in zip(batch, refused, strict=True) if refusal is None]
         try:
-            return list(await self._store.save_messages([p.request for p in batch]))
+            stored = list(await self._store.save_messages([p.request for p in admitted])) if admitted else []
         except ChatError as exc:
-            return [exc] * len(batch)
+            stored = [exc] * len(admitted)
+        results = iter(stored)
+        return [refusal if refusal is not None else next(results) for refusal in refused]
+
+    async def _cluster_limits(self, batch: list[_Pending]) -> list[ChatError | None]:
+        """The senders' user buckets, across the cluster, in one round trip for the batch; this
+        node's own buckets while Redis cannot answer."""
+        assert self._cluster is not None
+        rate, burst = self._limits.settings.user_send_rate_per_second, self._limits.settings.user_send_burst
+        try:
+            waits = await self._cluster.take([[Bucket(f"send:{p.request.sender}", rate, burst)] for p in batch])
+        except Degraded:
+            waits = []
+            for pending in batch:
+                try:
+                    self._limits.user_sends.take(pending.request.sender)
+                    waits.append(0.0)
+                except RateLimited as exc:
+                    waits.append(exc.retry_after)
+        return [
+            None
+            if wait <= 0
+            else RateLimited(
+                f"more than {rate:g} sends per second (bursts of {burst:g}); slow down",
+                retry_after=wait,
+                ref=pending.request.client_msg_id,
+            )
+            for pending, wait in zip(batch, waits, strict=True)
+        ]
 
     async def _answer_batch(self, batch: list[_Pending], outcomes: list[SendOutcome | ChatError]) -> None:
         """Ack (or refuse) each sender, then publish the new stream events."""
@@ -342,6 +390,10 @@ class ChatService:
         return SyncResponse(events=page.events, latest_seq=page.latest_seq, has_more=page.has_more)
 
     async def long_poll(self, user_id: str, since_seq: int, wait_seconds: float, limit: int) -> SyncResponse:
+        async with self.fanout.watching(user_id):  # events stored on other nodes wake it too
+            return await self._long_poll(user_id, since_seq, wait_seconds, limit)
+
+    async def _long_poll(self, user_id: str, since_seq: int, wait_seconds: float, limit: int) -> SyncResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
@@ -383,20 +435,24 @@ class ChatService:
 
     async def create_group(self, owner: str, name: str, members: Sequence[str]) -> GroupInfo:
         group, emitted = await self._store.create_group(owner, name, members, self._settings.group_max_members)
-        await self.groups.refresh(group.group_id)
+        await self._membership_changed(group.group_id)
         await self.publish_events(emitted)
         return group
 
     async def add_member(self, group_id: str, by: str, user_id: str) -> None:
         emitted = await self._store.add_member(group_id, by, user_id, self._settings.group_max_members)
-        await self.groups.refresh(group_id)
+        await self._membership_changed(group_id)
         await self.publish_events(emitted)
 
     async def remove_member(self, group_id: str, by: str, user_id: str) -> None:
         emitted = await self._store.remove_member(group_id, by, user_id)
         # Refresh before publishing: from here on the ACL stops deliveries on the group topic.
-        await self.groups.refresh(group_id)
+        await self._membership_changed(group_id)
         await self.publish_events(emitted)
+
+    async def _membership_changed(self, group_id: str) -> None:
+        await self.groups.refresh(group_id)
+        self.fanout.close_elsewhere("group", group=group_id)  # the other nodes forget their copy
 
     async def group_for(self, user_id: str, group_id: str) -> GroupInfo:
         group = await self._store.get_group(group_id)
@@ -406,23 +462,27 @@ class ChatService:
 
     # ---------------------------------------------- presence and typing
 
-    async def device_connected(self, device: DeviceAddress) -> None:
-        changed = self.presence.connected(device)
+    async def device_connected(self, device: DeviceAddress, epoch: int, limit: int) -> bool:
+        """A device connected here; False (refused) if its user already has ``limit`` other
+        devices connected across the cluster."""
+        allowed, changed = await self.presence.connected(device, epoch, limit)
         if changed is not None:
-            await self._publish_presence(changed)
+            self.fanout.presence(changed)
+        return allowed
 
-    async def device_disconnected(self, device: DeviceAddress) -> None:
-        changed = self.presence.disconnected(device)
+    async def device_disconnected(self, device: DeviceAddress, epoch: int, *, replaced: bool = False) -> None:
+        changed = await self.presence.disconnected(device, epoch, replaced=replaced)
         if changed is not None:
-            await self._publish_presence(changed)
-
-    async def _publish_presence(self, presence: Presence) -> None:
-        await self._publish(presence_topic(presence.user_id), encode_event(presence), retain=True)
+            self.fanout.presence(changed)
 
     async def presence_of(self, viewer: str, user_id: str) -> Presence:
         if not await self._store.are_contacts(viewer, user_id):
             raise NotFound(f"no presence of {user_id!r} for you")
-        return self.presence.of(user_id)
+        return await self.presence.of(user_id)
+
+    async def presence_payload(self, user_id: str) -> bytes:
+        """The presence a new subscriber of ``chat/presence/{user_id}`` gets first (retained)."""
+        return encode_event(await self.presence.of(user_id))
 
     async def typing(self, device: DeviceAddress, command: Typing) -> None:
         target = f"group:{command.group_id}" if command.group_id else f"user:{command.to_user}"
@@ -434,28 +494,19 @@ class ChatService:
         if command.group_id is not None:
             if not await self.groups.is_member(command.group_id, device.user_id):
                 raise NotAMember(f"you are not a member of {command.group_id!r}")
-            await self._publish(group_topic(command.group_id), encode_event(event))
+            await self.fanout.typing_in_group(command.group_id, event)
         elif command.to_user is not None:
             if not await self._store.are_contacts(device.user_id, command.to_user):
                 raise NotFound(f"no conversation with {command.to_user!r}")
-            await self._publish(stream_topic(command.to_user), self._signed(command.to_user, encode_event(event)))
+            self.fanout.typing_to_user(command.to_user, event)
 
     # -------------------------------------------------------------- output
 
     async def publish_events(self, emitted: Emitted) -> None:
-        for user_id, event in emitted:
-            await self._publish(stream_topic(user_id), self._signed(user_id, encode_event(event)))
-        self.notifier.notify(user_id for user_id, _ in emitted)
+        await self.fanout.stream_events(emitted)
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
-        await self._publish(device_topic(device), self._signed(device.user_id, encode_event(event)))
-
-    def _signed(self, user_id: str, payload: bytes) -> bytes:
-        return payload if self._keys is None else self._keys.sign(user_id, payload)
-
-    async def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        if self._publisher is not None:
-            await self._publisher.publish(topic, payload, retain=retain)
+        await self.fanout.reply(device, event)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

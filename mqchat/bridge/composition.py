@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.chat import ChatService
+from mqchat.bridge.cluster import RedisCluster
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
@@ -31,10 +32,15 @@ class Services:
 
 
 @asynccontextmanager
-async def build_services(settings: Settings) -> AsyncIterator[Services]:
+async def build_services(settings: Settings, *, serve: bool = False) -> AsyncIterator[Services]:
+    """``serve``: this process is a server node (in cluster mode it joins the cluster: subscribes,
+    heartbeats); otherwise a tool (``mqchat user ...``) that may only tell the nodes things."""
     settings.prepare_data_dir()
     sql = SqlStore.from_url(settings.resolved_database_url())
     store: MessageStore = sql
+    cluster = None
+    if settings.redis_url:
+        cluster = RedisCluster(settings.redis_url, settings.node_id, settings.cluster)
     try:
         # Pending migrations are applied under a database lock, so nodes starting together
         # are safe; a schema newer than this code is refused (SchemaError).
@@ -49,11 +55,17 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             max_payload_bytes=settings.mqtt.max_payload_bytes,
             limits=limits,
             event_keys=event_keys,
+            cluster=cluster,
+            group_cache_seconds=settings.cluster.group_cache_seconds,
         )
+        if cluster is not None:
+            await cluster.start(serve=serve)
         await chat.start()
         try:
             yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys)
         finally:
             await chat.stop()
     finally:
+        if cluster is not None:
+            await cluster.stop()
         await store.close()

@@ -18,6 +18,10 @@ class StreamNotifier:
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def notify_all(self) -> None:
+        """Wake every waiting long-poll (after events may have been lost between nodes)."""
+        self.notify(list(self._waiters))
+
     @contextlib.contextmanager
     def watch(self, user_id: str) -> Iterator[asyncio.Future[None]]:
         """Register before reading the store, so an event between read and wait is not missed."""

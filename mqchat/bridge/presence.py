@@ -1,13 +1,33 @@
-"""Who is online on this node: a user is online while at least one device is connected."""
+"""Who is online: a user is online while at least one device is connected (anywhere in a cluster)."""
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import Protocol
 
+from mqchat.bridge.cluster import Degraded, RedisCluster
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.protocol import Presence, format_time
+
+
+class PresenceBook(Protocol):
+    async def connected(self, device: DeviceAddress, epoch: int, limit: int) -> tuple[bool, Presence | None]:
+        """Record a connection unless the user has ``limit`` other devices connected; (allowed,
+        the presence to publish when the user just came online)."""
+        ...
+
+    async def disconnected(self, device: DeviceAddress, epoch: int, *, replaced: bool) -> Presence | None:
+        """Record a disconnection; the presence to publish when the user's last device went.
+        ``replaced``: the device reconnected (takeover) and is still online."""
+        ...
+
+    async def of(self, user_id: str) -> Presence: ...
+
+    def devices_of(self, user_id: str) -> list[str]:
+        """The ids of the user's devices connected to this node."""
+        ...
 
 
 class PresenceTracker:
@@ -20,8 +40,11 @@ class PresenceTracker:
         devices = self._devices[device.user_id]
         first = not devices
         devices.add(device.device_id)
+        if not first:
+            return None
+        # ``last_seen`` is when the status last changed, the same on every node and in Redis.
         self._last_seen[device.user_id] = datetime.now(UTC)
-        return self.of(device.user_id) if first else None
+        return self.of(device.user_id)
 
     def disconnected(self, device: DeviceAddress) -> Presence | None:
         """Record a disconnection; returns the presence to publish when the last device goes."""
@@ -29,10 +52,10 @@ class PresenceTracker:
         if not devices or device.device_id not in devices:
             return None
         devices.discard(device.device_id)
-        self._last_seen[device.user_id] = datetime.now(UTC)
         if devices:
             return None
         del self._devices[device.user_id]
+        self._last_seen[device.user_id] = datetime.now(UTC)
         return self.of(device.user_id)
 
     def devices_of(self, user_id: str) -> list[str]:
@@ -46,6 +69,69 @@ class PresenceTracker:
             status="online" if self._devices.get(user_id) else "offline",
             last_seen=format_time(seen) if seen else None,
         )
+
+
+class LocalPresence:
+    """A single node: the tracker is the truth (the broker enforces connections per user)."""
+
+    def __init__(self) -> None:
+        self.tracker = PresenceTracker()
+
+    async def connected(self, device: DeviceAddress, epoch: int, limit: int) -> tuple[bool, Presence | None]:
+        return True, self.tracker.connected(device)
+
+    async def disconnected(self, device: DeviceAddress, epoch: int, *, replaced: bool) -> Presence | None:
+        return None if replaced else self.tracker.disconnected(device)
+
+    async def of(self, user_id: str) -> Presence:
+        return self.tracker.of(user_id)
+
+    def devices_of(self, user_id: str) -> list[str]:
+        return self.tracker.devices_of(user_id)
+
+
+class ClusterPresence:
+    """Cluster mode: Redis knows every node's devices (``RedisCluster.register``); while Redis
+    cannot answer, this node's own tracker stands in (and the node reports itself degraded)."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self._cluster = cluster
+        self._local = PresenceTracker()
+
+    async def connected(self, device: DeviceAddress, epoch: int, limit: int) -> tuple[bool, Presence | None]:
+        local = self._local.connected(device)
+        try:
+            allowed, before = await self._cluster.register(device, epoch, limit)
+        except Degraded:
+            return True, local
+        if not allowed:
+            self._local.disconnected(device)
+            return False, None
+        return True, (_presence(device.user_id, "online", time.time()) if before == 0 else None)
+
+    async def disconnected(self, device: DeviceAddress, epoch: int, *, replaced: bool) -> Presence | None:
+        # Redis removes the device only if this connection (epoch) still holds it.
+        local = None if replaced else self._local.disconnected(device)
+        try:
+            left = await self._cluster.unregister(device, epoch)
+        except Degraded:
+            return local
+        return _presence(device.user_id, "offline", time.time()) if left == 0 else None
+
+    async def of(self, user_id: str) -> Presence:
+        try:
+            online, seen = await self._cluster.presence(user_id)
+        except Degraded:
+            return self._local.of(user_id)
+        return _presence(user_id, "online" if online else "offline", seen)
+
+    def devices_of(self, user_id: str) -> list[str]:
+        return self._local.devices_of(user_id)
+
+
+def _presence(user_id: str, status: str, seen: float | None) -> Presence:
+    last_seen = None if seen is None else format_time(datetime.fromtimestamp(seen, UTC))
+    return Presence(user_id=user_id, status="online" if status == "online" else "offline", last_seen=last_seen)
 
 
 class TypingThrottle:

@@ -146,6 +146,7 @@ class MqttConnection(asyncio.Protocol):
         "_writer",
         "clean_exit",
         "device",
+        "epoch",
         "inbox",
         "keepalive",
         "listener",
@@ -174,6 +175,8 @@ class MqttConnection(asyncio.Protocol):
         self.state = State.AWAITING_CONNECT
         self.peer = "?"
         self.device: DeviceAddress | None = None
+        self.epoch = 0
+        """Orders connections of one client id across the cluster: the newer one wins."""
         self.session: Session | None = None
         self.inbox = ""
         self.keepalive = 0.0

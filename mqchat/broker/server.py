@@ -11,6 +11,7 @@ module that touches amqtt); everything per connection is ours (docs/architecture
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 from collections.abc import Awaitable
@@ -22,6 +23,7 @@ import websockets
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection
 
+from mqchat.bridge.cluster import Degraded, group_channel, user_channel
 from mqchat.bridge.composition import Services
 from mqchat.bridge.ratelimit import NewKeyBudget
 from mqchat.broker.acl import TopicAcl, group_of
@@ -33,7 +35,15 @@ from mqchat.core.errors import ChatError, StorageUnavailable
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.mqtt import Connack, Connect, Publish, Suback, Subscribe, Unsuback, Unsubscribe
 from mqchat.core.protocol import error_event
-from mqchat.core.topics import device_topic, inbox_topic, may_publish
+from mqchat.core.topics import (
+    GROUP_PREFIX,
+    PRESENCE_PREFIX,
+    STREAM_PREFIX,
+    device_topic,
+    id_after,
+    inbox_topic,
+    may_publish,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +76,10 @@ class MqttServer:
         self._settings = settings or services.settings
         self._limits = self._settings.limits
         self._acl = TopicAcl(services.chat)
+        self._cluster = services.chat.cluster
+        self._epochs = itertools.count(1)  # a single node orders connections itself
         self._subscriptions = Subscriptions()
+        self._subscriptions.on_empty = self._topic_empty
         self._sessions = SessionTable(
             self._subscriptions,
             expiry_seconds=self._limits.session_expiry_seconds,
@@ -167,19 +180,50 @@ class MqttServer:
         device, code = await self._authenticate(packet)
         if device is not None:
             code = self._check_limits(connection, device, packet)
-        if connection.closed:
-            return
-        if device is None or code != mqtt.ACCEPTED:
-            log.info("refused MQTT connection from %s (%s): CONNACK %d", connection.peer, packet.client_id[:80], code)
-            connection.send(Connack(False, code).encode())
-            connection.close()
+        if device is not None and code == mqtt.ACCEPTED:
+            code = await self._admit_device(connection, device)
+        if device is None or code != mqtt.ACCEPTED or connection.closed:
+            if not connection.closed:
+                log.info(
+                    "refused MQTT connection from %s (%s): CONNACK %d", connection.peer, packet.client_id[:80], code
+                )
+                connection.send(Connack(False, code).encode())
+                connection.close()
             return
         session, resumed = self._open_session(connection, device, packet)
         connection.send(Connack(resumed, mqtt.ACCEPTED).encode())
         connection.accepted(packet.keepalive)
-        await self._chat.device_connected(device)
+        if self._cluster is not None:  # the device's older connection on another node goes
+            self._cluster.control("takeover", client_id=device.client_id, epoch=connection.epoch)
         if resumed and not connection.closed:
-            self._resume(connection, session)
+            await self._resume(connection, session)
+
+    async def _admit_device(self, connection: MqttConnection, device: DeviceAddress) -> int:
+        """The cluster-wide checks and the device's presence: an epoch orders this connection
+        against the client id's others; the user may have ``limits.max_connections_per_user``
+        devices connected across all nodes."""
+        if self._cluster is not None:
+            try:
+                new_device_ok = await self._cluster.admit_new_device(
+                    device, self._limits.max_new_devices_per_hour, 3600
+                )
+                connection.epoch = await self._cluster.next_epoch()
+            except Degraded:
+                new_device_ok, connection.epoch = True, next(self._epochs)
+            if not new_device_ok:
+                log.warning("refused %s: %s connected %d new device ids this hour (limits.max_new_devices_per_hour)",
+                            device.client_id, device.user_id, self._limits.max_new_devices_per_hour)  # fmt: skip
+                return mqtt.NOT_AUTHORIZED
+        else:
+            connection.epoch = next(self._epochs)
+        if not await self._chat.device_connected(device, connection.epoch, self._limits.max_connections_per_user):
+            log.warning("refused %s: %s has %d connections across the cluster (limits.max_connections_per_user)",
+                        device.client_id, device.user_id, self._limits.max_connections_per_user)  # fmt: skip
+            return mqtt.NOT_AUTHORIZED
+        if connection.closed:  # it went away while it was being registered: undo that
+            self.spawn(self._chat.device_disconnected(device, connection.epoch))
+            return mqtt.NOT_AUTHORIZED
+        return mqtt.ACCEPTED
 
     async def _authenticate(self, packet: Connect) -> tuple[DeviceAddress | None, int]:
         """The device of a CONNECT: client id ``{user}:{device}``, user name = user, password = token."""
@@ -218,7 +262,7 @@ class MqttServer:
             log.warning("refused %s: %s already has %d connections (limits.max_connections_per_user)",
                         device.client_id, device.user_id, others)  # fmt: skip
             return mqtt.NOT_AUTHORIZED
-        if not self._new_devices.admit(device.user_id, device.device_id):
+        if self._cluster is None and not self._new_devices.admit(device.user_id, device.device_id):
             log.warning("refused %s: %s connected %d new device ids this hour (limits.max_new_devices_per_hour)",
                         device.client_id, device.user_id, self._limits.max_new_devices_per_hour)  # fmt: skip
             return mqtt.NOT_AUTHORIZED
@@ -242,14 +286,19 @@ class MqttServer:
         self._live.setdefault(device.user_id, {})[device.client_id] = connection
         return session, resumed
 
-    def _resume(self, connection: MqttConnection, session: Session) -> None:
+    async def _resume(self, connection: MqttConnection, session: Session) -> None:
         """A resumed session sends no SUBSCRIBE: its retained presence, and a catch-up, now."""
-        for topic, qos in session.subscriptions.items():
-            retained = self._subscriptions.retained(topic)
-            if retained is not None:
-                connection.deliver(topic.encode(), retained, qos, retain=True)
+        for topic, qos in list(session.subscriptions.items()):
+            await self._send_retained(connection, topic, qos)
         if device_topic(session.device) in session.subscriptions:
             self._schedule_catch_up(session)
+
+    async def _send_retained(self, connection: MqttConnection, topic: str, qos: int) -> None:
+        """Presence is the one retained topic: its current state, flagged retained."""
+        user_id = id_after(PRESENCE_PREFIX, topic)
+        if user_id is not None and not connection.closed:
+            payload = await self._chat.presence_payload(user_id)
+            connection.deliver(topic.encode(), payload, qos, retain=True)
 
     # ----------------------------------------------------- what a device sends
 
@@ -276,9 +325,8 @@ class MqttServer:
                 return
         connection.send(Suback(packet.packet_id, tuple(codes)).encode())
         for (topic, _), granted in zip(packet.topics, codes, strict=True):
-            retained = self._subscriptions.retained(topic) if granted != mqtt.SUBACK_FAILURE else None
-            if retained is not None:
-                connection.deliver(topic.encode(), retained, granted, retain=True)
+            if granted != mqtt.SUBACK_FAILURE:
+                await self._send_retained(connection, topic, granted)
         granted_topics = {topic for (topic, _), code in zip(packet.topics, codes, strict=True) if code <= 1}
         if device_topic(device) in granted_topics:
             self._schedule_catch_up(session)
@@ -291,8 +339,19 @@ class MqttServer:
         if not await self._acl.may_subscribe(device, topic):
             return mqtt.SUBACK_FAILURE
         granted = min(qos, 1)  # nothing goes out at QoS 2: the cursor, not MQTT, makes delivery reliable
+        first = self._subscriptions.count(topic) == 0
         self._subscriptions.add(session, topic, granted)
+        channel = _channel_of(topic)
+        if first and channel is not None and self._cluster is not None:
+            # Before the SUBACK, so before the catch-up reads: what other nodes store from now on
+            # reaches this node (watch before read).
+            await self._cluster.watch(channel)
         return granted
+
+    def _topic_empty(self, topic: str) -> None:
+        channel = _channel_of(topic)
+        if channel is not None and self._cluster is not None:
+            self._cluster.unwatch(channel)
 
     def unsubscribe(self, connection: MqttConnection, packet: Unsubscribe) -> None:
         if connection.session is not None:
@@ -311,8 +370,7 @@ class MqttServer:
         if connection.will is not None and not connection.clean_exit:
             # Ended without DISCONNECT: its will is a command on its own inbox (checked at CONNECT).
             self._chat.accept(device, connection.will.payload)
-        if not connection.replaced:
-            self.spawn(self._chat.device_disconnected(device))
+        self.spawn(self._chat.device_disconnected(device, connection.epoch, replaced=connection.replaced))
 
     def _detach(self, connection: MqttConnection) -> None:
         device, session = connection.device, connection.session
@@ -358,10 +416,8 @@ class MqttServer:
 
     # ----------------------------------------------------------- delivering
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes) -> None:
         """The chat service's publisher. A group topic reaches only the group's current members."""
-        if retain:
-            self._subscriptions.retain(topic, payload)
         group_id = group_of(topic)
         members = None if group_id is None else await self._acl.group_members(group_id)
         self.deliver(topic, payload, members)
@@ -393,6 +449,27 @@ class MqttServer:
         connection.close(abort=True)
         return True
 
+    def take_over(self, client_id: str, epoch: int) -> None:
+        """Another node accepted ``client_id`` with ``epoch``: an older connection here goes
+        (MQTT 3.1.1, 3.1.4, across the cluster)."""
+        user_id, _, _ = client_id.partition(":")
+        connection = self._live.get(user_id, {}).get(client_id)
+        if connection is not None and connection.epoch < epoch:
+            log.info("%s reconnected on another node: closing it here", client_id)
+            connection.replaced = True
+            self._detach(connection)
+            connection.close(abort=True)
+
+    def resync(self, users: set[str] | None) -> None:
+        """Events may have been lost between nodes: every local device (of ``users``) catches up."""
+        for user_id, live in list(self._live.items()):
+            if users is not None and user_id not in users:
+                continue
+            for connection in live.values():
+                session = connection.session
+                if session is not None and device_topic(session.device) in session.subscriptions:
+                    self._schedule_catch_up(session)
+
     async def close_user(self, user_id: str) -> int:
         """End every live connection of the user (logged out everywhere, disabled)."""
         connections = list(self._live.get(user_id, {}).values())
@@ -422,6 +499,15 @@ class MqttServer:
             "offline_sessions": self._sessions.offline,
             "subscribed_topics": self._subscriptions.topics,
         }
+
+
+def _channel_of(topic: str) -> str | None:
+    """The cluster channel carrying a topic's events from other nodes (presence comes by control)."""
+    user_id = id_after(STREAM_PREFIX, topic)
+    if user_id is not None:
+        return user_channel(user_id)
+    group_id = id_after(GROUP_PREFIX, topic)
+    return None if group_id is None else group_channel(group_id)
 
 
 class _Refused(asyncio.Protocol):

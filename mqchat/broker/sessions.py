@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mqchat.core.ids import DeviceAddress
@@ -38,11 +39,12 @@ class Session:
 
 
 class Subscriptions:
-    """Topic -> {session: granted QoS}, and the broker's own retained messages."""
+    """Topic -> {session: granted QoS}. ``on_empty`` hears of a topic's last subscriber leaving
+    (cluster mode stops listening for it)."""
 
     def __init__(self) -> None:
         self._by_topic: dict[str, dict[Session, int]] = {}
-        self._retained: dict[str, bytes] = {}
+        self.on_empty: Callable[[str], None] = lambda topic: None
 
     def add(self, session: Session, topic: str, qos: int) -> None:
         self._by_topic.setdefault(topic, {})[session] = qos
@@ -55,6 +57,7 @@ class Subscriptions:
             subscribers.pop(session, None)
             if not subscribers:
                 del self._by_topic[topic]
+                self.on_empty(topic)
 
     def remove_all(self, session: Session) -> None:
         for topic in list(session.subscriptions):
@@ -67,13 +70,6 @@ class Subscriptions:
 
     def count(self, topic: str) -> int:
         return len(self._by_topic.get(topic, ()))
-
-    def retain(self, topic: str, payload: bytes) -> None:
-        """Only the server retains (presence): one message per topic, replaced each time."""
-        self._retained[topic] = payload
-
-    def retained(self, topic: str) -> bytes | None:
-        return self._retained.get(topic)
 
     @property
     def topics(self) -> int:

@@ -20,9 +20,25 @@ class Recorder:
         self.published: list[tuple[str, dict[str, object]]] = []
         self.changed = asyncio.Event()
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes) -> None:
+        self.deliver(topic, payload)
+
+    def deliver(self, topic: str, payload: bytes, users: frozenset[str] | None = None) -> int:
         self.published.append((topic, json.loads(payload)))
         self.changed.set()
+        return 1
+
+    async def close_device(self, device: DeviceAddress) -> bool:
+        return False
+
+    async def close_user(self, user_id: str) -> int:
+        return 0
+
+    def take_over(self, client_id: str, epoch: int) -> None:
+        pass
+
+    def resync(self, users: set[str] | None) -> None:
+        pass
 
     async def wait_for(self, count: int) -> None:
         async with asyncio.timeout(5):
@@ -48,7 +64,7 @@ async def test_each_sender_of_a_failed_batch_gets_its_own_ref(tmp_path: Path) ->
     store = BrokenStore.from_url(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
     service = ChatService(store, BridgeSettings(), max_payload_bytes=65536)
     recorder = Recorder()
-    service.attach_publisher(recorder)
+    service.attach(recorder)
     await service.start()
     try:
         alice, bob = DeviceAddress("alice", "phone"), DeviceAddress("bob", "phone")
@@ -69,7 +85,7 @@ async def test_a_full_queue_refuses_with_server_busy(tmp_path: Path) -> None:
     await store.create_schema()
     service = ChatService(store, BridgeSettings(queue_size=2), max_payload_bytes=65536)
     recorder = Recorder()
-    service.attach_publisher(recorder)
+    service.attach(recorder)
     alice = DeviceAddress("alice", "phone")
     for i in range(3):  # the worker is not started: nothing drains the queue
         service.accept(alice, send(f"m{i}", "bob"))

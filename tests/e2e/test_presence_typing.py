@@ -156,8 +156,9 @@ async def test_presence_follows_the_first_and_the_last_device(server: RunningSer
         async with watcher(server, "bob", "watch", bob) as bob_watch, watcher(server, "carol", "watch", carol) as spy:
             assert await bob_watch.subscribe(topic) == [GRANTED_QOS1]
             assert await spy.subscribe(topic) == [SUBACK_FAILURE]  # carol shares nothing with alice
-            assert await bob_watch.quiet(0.3) == []  # alice never connected: nothing retained yet
             never = {"user_id": "alice", "status": "offline", "last_seen": None}
+            assert await bob_watch.next() == (topic, never, True)  # alice never connected: offline, retained
+            assert await bob_watch.quiet(0.3) == []
             assert await presence_over_http(server, bob, "alice") == (200, never)
 
             async with connect_device(server, "alice", "phone", alice, subscribe=False):
@@ -205,6 +206,7 @@ async def test_retained_presence_reaches_only_those_who_subscribe(server: Runnin
     topic = "chat/presence/alice"
     async with asyncio.timeout(TEST_BUDGET), watcher(server, "bob", "watch", bob) as bob_watch:
         assert await bob_watch.subscribe(topic) == [GRANTED_QOS1]
+        assert (await bob_watch.next())[1]["status"] == "offline"  # the state at SUBSCRIBE, retained
         async with connect_device(server, "alice", "phone", alice, subscribe=False):
             _, online, _ = await bob_watch.next()
             assert online["status"] == "online"
@@ -221,6 +223,7 @@ async def test_a_silent_device_goes_offline_at_one_and_a_half_keepalives(server:
     topic = "chat/presence/alice"
     async with asyncio.timeout(TEST_BUDGET), watcher(server, "bob", "watch", bob) as bob_watch:
         assert await bob_watch.subscribe(topic) == [GRANTED_QOS1]
+        assert (await bob_watch.next())[1]["status"] == "offline"  # the state at SUBSCRIBE, retained
         reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
         try:
             writer.write(raw_connect_packet("alice:dead", "alice", alice, keepalive=2))

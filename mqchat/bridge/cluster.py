@@ -1,0 +1,683 @@
+"""Cluster mode: several nodes on one PostgreSQL and one Redis (docs/scaling.md).
+
+PostgreSQL stays the only truth: it allocates every seq under its row locks and stores
+every message. Redis carries only what can be rebuilt, in the manner of centrifugal's
+Redis broker:
+
+- **live events**: a channel per user (``mqchat:u:{user}``) and per group
+  (``mqchat:g:{group}``, typing only). A node subscribes while it holds a subscriber (a
+  device, a long-poll) and before it reads what that subscriber missed (watch before
+  read). What one commit batch produced for a user is one PUBLISH, all of a turn's
+  PUBLISHes one pipelined round trip. The node that stored the events delivers them to
+  its own devices directly; the others skip their own messages.
+- **control** (``mqchat:ctl``, every node): takeovers, closing a device or a user, group
+  membership changed, presence changed, "read your streams again".
+- **presence**: ``mqchat:dev:{user}`` maps each connected device to the node holding it
+  (and the connection's epoch, so an older connection's disconnect never removes a
+  newer one); a node's liveness is a key with a TTL its heartbeat renews, and a survivor
+  clears the devices of a node whose key expired and publishes their users offline.
+- **limits**: send token buckets, connections and new device ids per user, atomically
+  in Lua, so a user spreading devices over nodes gets no extra rate.
+
+Redis pub/sub drops what is published while a connection is down. Every loss is repaired
+by the per-device cursor: after any reconnect of its subscription a node re-runs catch-up
+for all its devices and wakes its long-polls; a node that could not publish some users'
+events tells the others to re-read those users once it is back; and a probe through the
+node's own subscription notices a subscription that died silently. While Redis is down
+sends are still stored and acked (the store does not need Redis), limits fall back to
+this node's own counts, and the node reports itself degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from mqchat.config import ClusterSettings
+from mqchat.core.ids import DeviceAddress
+
+log = logging.getLogger(__name__)
+
+PREFIX = "mqchat:"
+CONTROL = PREFIX + "ctl"
+_FRAME = struct.Struct("!HI")
+_MAX_UNSENT_USERS = 10_000  # beyond this, a node asks for a resync of everyone instead
+_REDIS_TIMEOUT = 2.0
+
+
+def user_channel(user_id: str) -> str:
+    return f"{PREFIX}u:{user_id}"
+
+
+def group_channel(group_id: str) -> str:
+    return f"{PREFIX}g:{group_id}"
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def encode_items(origin: str, items: Sequence[tuple[str, bytes]]) -> bytes:
+    parts = [origin.encode(), b"\n"]
+    for topic, payload in items:
+        raw = topic.encode()
+        parts += (_FRAME.pack(len(raw), len(payload)), raw, payload)
+    return b"".join(parts)
+
+
+def decode_items(data: bytes) -> tuple[str, list[tuple[str, bytes]]]:
+    cut = data.index(b"\n")
+    origin, pos, items = data[:cut].decode(), cut + 1, []
+    while pos < len(data):
+        topic_len, payload_len = _FRAME.unpack_from(data, pos)
+        pos += _FRAME.size
+        topic = data[pos : pos + topic_len].decode()
+        pos += topic_len
+        items.append((topic, data[pos : pos + payload_len]))
+        pos += payload_len
+    return origin, items
+
+
+# ---------------------------------------------------------------- Lua
+
+# KEYS: devices hash of the user, the node's device set, last-seen key. ARGV: device, node:epoch,
+# node, limit, member, now. The device is registered unless the user already has ``limit`` other
+# devices connected. Returns {allowed, devices before}; last seen moves when the user comes online.
+_REGISTER = """
+local before = redis.call('HLEN', KEYS[1])
+local others = before
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then others = others - 1 end
+if others >= tonumber(ARGV[4]) then return {0, before} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[5])
+if before == 0 then redis.call('SET', KEYS[3], ARGV[6]) end
+return {1, before}
+"""
+
+# KEYS: devices hash, the node's device set, last-seen key. ARGV: device, node:epoch, member, now.
+# Removes the device only if this connection still holds it. Returns devices left (-1: not ours).
+_UNREGISTER = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  redis.call('SREM', KEYS[2], ARGV[3])
+  return -1
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[3])
+local left = redis.call('HLEN', KEYS[1])
+if left == 0 then redis.call('SET', KEYS[3], ARGV[4]) end
+return left
+"""
+
+# KEYS: devices hash, last-seen key. ARGV: device, dead node. Clears a device of a dead node.
+_REAP = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if not held or string.sub(held, 1, string.len(ARGV[2]) + 1) ~= ARGV[2] .. ':' then return -1 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local left = redis.call('HLEN', KEYS[1])
+if left == 0 then redis.call('SET', KEYS[2], ARGV[3]) end
+return left
+"""
+
+# KEYS: one bucket per key. ARGV: now, then rate, burst for each key, then the number of
+# requests, then for each request the indexes (1-based) of its buckets, 0-terminated.
+# A request passes only if every one of its buckets has a token; returns, per request, 0
+# or the seconds until it would pass (as a string, Lua numbers lose the fraction).
+_BUCKETS = """
+local now = tonumber(ARGV[1])
+local nkeys = #KEYS
+local level, stamp, rate, burst = {}, {}, {}, {}
+for i = 1, nkeys do
+  rate[i] = tonumber(ARGV[2 * i]); burst[i] = tonumber(ARGV[2 * i + 1])
+  local held = redis.call('HMGET', KEYS[i], 't', 'at')
+  local tokens = tonumber(held[1]) or burst[i]
+  local at = tonumber(held[2]) or now
+  level[i] = math.min(burst[i], tokens + math.max(0, now - at) * rate[i])
+end
+local pos = 2 * nkeys + 2
+local count = tonumber(ARGV[pos]); pos = pos + 1
+local out = {}
+for r = 1, count do
+  local wait = 0
+  local mine = {}
+  while tonumber(ARGV[pos]) ~= 0 do
+    local i = tonumber(ARGV[pos]); mine[#mine + 1] = i; pos = pos + 1
+    if level[i] < 1 then wait = math.max(wait, (1 - level[i]) / rate[i]) end
+  end
+  pos = pos + 1
+  if wait == 0 then for _, i in ipairs(mine) do level[i] = level[i] - 1 end end
+  out[r] = tostring(wait)
+end
+for i = 1, nkeys do
+  redis.call('HSET', KEYS[i], 't', tostring(level[i]), 'at', tostring(now))
+  redis.call('EXPIRE', KEYS[i], math.ceil(burst[i] / rate[i]) + 1)
+end
+return out
+"""
+
+# KEYS: the user's sorted set of device ids. ARGV: device, now, window, limit.
+_NEW_DEVICE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[2]) - tonumber(ARGV[3]))
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+return 1
+"""
+
+# KEYS: a failures list. ARGV: now, window, limit, record (1: count an attempt).
+# Returns seconds until the key may try again (0: now); with record, the attempt is counted
+# first, so concurrent attempts cannot all pass.
+_THROTTLE = """
+local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local count = redis.call('ZCARD', KEYS[1])
+if count >= limit then
+  local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+  return tostring(tonumber(oldest[2]) + window - now)
+end
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[1], now, ARGV[5])
+  redis.call('EXPIRE', KEYS[1], math.ceil(window))
+end
+return '0'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    key: str
+    rate: float
+    burst: float
+
+
+class Degraded(Exception):
+    """Redis cannot answer now; the caller falls back to what this node knows."""
+
+
+Handler = Callable[[list[tuple[str, bytes]]], None]
+ControlHandler = Callable[[dict[str, Any]], None]
+ResyncHandler = Callable[[set[str] | None], None]
+
+
+class RedisCluster:
+    """This node's link to the others. ``start`` before serving, ``stop`` after."""
+
+    def __init__(self, url: str, node_id: str | None, settings: ClusterSettings) -> None:
+        self.node_id = node_id or default_node_id()
+        self._settings = settings
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT, decode_responses=False
+        )
+        self._scripts = {
+            name: self._redis.register_script(source)
+            for name, source in (
+                ("register", _REGISTER),
+                ("unregister", _UNREGISTER),
+                ("reap", _REAP),
+                ("buckets", _BUCKETS),
+                ("new_device", _NEW_DEVICE),
+                ("throttle", _THROTTLE),
+            )
+        }
+        self._pubsub: Any = None
+        self._watched: dict[str, int] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._outgoing: list[tuple[str, bytes]] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._unsent_users: set[str] = set()
+        self._unsent_everyone = False
+        self._probe_nonce = b""
+        self._probe_seen = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Future[None]] = set()
+        self._subscribed = False
+        self._healthy = False
+        self._stopping = False
+        self._serving = False
+        self.on_events: Handler = lambda items: None
+        self.on_control: ControlHandler = lambda message: None
+        self.on_resync: ResyncHandler = lambda users: None
+        self.reconnects = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self, *, serve: bool = True) -> None:
+        """Connect (waiting, with logged backoff, for a Redis that is down) and start the loops.
+        A tool (``serve=False``) only sends: no subscription, no heartbeat."""
+        self._serving = serve
+        if not serve:
+            return
+        await self._connect_pubsub(first=True)
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name="mqchat-cluster-reader"),
+            asyncio.create_task(self._heartbeat_loop(), name="mqchat-cluster-heartbeat"),
+            asyncio.create_task(self._probe_loop(), name="mqchat-cluster-probe"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._serving:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await self._redis.delete(self._node_key)  # survivors clear our devices at once
+        await self._close_pubsub()
+        await self._redis.aclose()
+
+    @property
+    def healthy(self) -> bool:
+        """Subscribed and answering: live delivery across nodes works."""
+        return self._healthy and self._subscribed
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.healthy else "degraded"
+
+    # ------------------------------------------------------------ watching
+
+    async def watch(self, channel: str) -> None:
+        """Subscribe (counted) and wait, briefly, until Redis confirms: what is published on the
+        channel from then on reaches this node. On failure the node resyncs when Redis is back."""
+        count = self._watched.get(channel, 0)
+        self._watched[channel] = count + 1
+        if count:
+            waiter = self._confirmations.get(channel)
+            if waiter is not None:
+                await asyncio.wait([waiter], timeout=_REDIS_TIMEOUT)
+            return
+        if not self._subscribed:
+            return  # subscribed with all the others on reconnect, then a resync
+        waiter = asyncio.get_running_loop().create_future()
+        self._confirmations[channel] = waiter
+        try:
+            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(asyncio.shield(waiter), _REDIS_TIMEOUT)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"subscribing to {channel} failed: {exc!r}")
+        finally:
+            if self._confirmations.get(channel) is waiter and waiter.done():
+                del self._confirmations[channel]
+
+    def unwatch(self, channel: str) -> None:
+        count = self._watched.get(channel, 0) - 1
+        if count > 0:
+            self._watched[channel] = count
+            return
+        self._watched.pop(channel, None)
+        if self._subscribed and self._pubsub is not None:
+            self._spawn(self._unsubscribe(channel))
+
+    async def _unsubscribe(self, channel: str) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            if channel not in self._watched:
+                await self._pubsub.unsubscribe(channel)
+
+    # ---------------------------------------------------------- publishing
+
+    def publish(self, channel: str, items: Sequence[tuple[str, bytes]], *, user_id: str | None = None) -> None:
+        """Queue one message for ``channel``; every message of this turn goes in one pipeline."""
+        self._outgoing.append((channel, encode_items(self.node_id, items)))
+        if user_id is not None and not self._healthy:
+            self._remember_unsent([user_id])
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def control(self, op: str, **fields: Any) -> None:
+        """Tell every node (this one included, which ignores its own)."""
+        message = json.dumps({"op": op, "node": self.node_id, **fields}).encode()
+        self._outgoing.append((CONTROL, message))
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if not self._outgoing:
+            return
+        batch, self._outgoing = self._outgoing, []
+        self._spawn(self._send(batch))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for channel, message in batch:
+                    pipe.publish(channel, message)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._remember_unsent(channel.removeprefix(PREFIX + "u:") for channel, _ in batch)
+            self._broken(f"publishing failed: {exc!r}")
+
+    def _remember_unsent(self, users: Iterable[str]) -> None:
+        """Users whose events the other nodes may have missed: they re-read them when we are back."""
+        for user in users:
+            if user.startswith(PREFIX):
+                continue  # control and group messages: ephemeral
+            self._unsent_users.add(user)
+        if len(self._unsent_users) > _MAX_UNSENT_USERS:
+            self._unsent_users.clear()
+            self._unsent_everyone = True
+
+    # ------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError, TimeoutError, AttributeError) as exc:
+                if self._stopping:
+                    return
+                self._broken(f"the subscription failed: {exc!r}")
+                await self._reconnect()
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind, channel = message["type"], message["channel"].decode()
+        if kind == "subscribe":
+            waiter = self._confirmations.get(channel)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        if kind != "message":
+            return
+        data: bytes = message["data"]
+        if channel == CONTROL:
+            self._on_control(data)
+        elif channel == self._probe_channel:
+            if data == self._probe_nonce:
+                self._probe_seen.set()
+        else:
+            origin, items = decode_items(data)
+            if origin != self.node_id:
+                self.on_events(items)
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(message, dict) and message.get("node") != self.node_id:
+            self.on_control(message)
+
+    # ------------------------------------------------------- (re)connecting
+
+    async def _connect_pubsub(self, *, first: bool = False) -> None:
+        delay = 0.1
+        while not self._stopping:
+            try:
+                pubsub = self._redis.pubsub()
+                channels = [CONTROL, self._probe_channel, *self._watched]
+                waiters = {c: asyncio.get_running_loop().create_future() for c in channels}
+                self._confirmations.update(waiters)
+                self._pubsub = pubsub
+                await pubsub.subscribe(*channels)
+                while not all(w.done() for w in waiters.values()):
+                    message = await asyncio.wait_for(pubsub.get_message(timeout=_REDIS_TIMEOUT), _REDIS_TIMEOUT * 2)
+                    if message is None:
+                        raise TimeoutError("no subscription confirmation")
+                    self._dispatch(message)
+                await self._redis.set(self._node_key, self.node_id, px=int(self._settings.node_ttl_seconds * 1000))
+                await self._redis.sadd(PREFIX + "nodes", self.node_id)
+                self._subscribed = self._healthy = True
+                if not first:
+                    self.reconnects += 1
+                    log.warning("cluster: Redis is back (reconnect %d): reading every stream again", self.reconnects)
+                    self._after_reconnect()
+                return
+            except (RedisError, OSError, TimeoutError) as exc:
+                await self._close_pubsub()
+                log.warning("cluster: cannot reach Redis (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _after_reconnect(self) -> None:
+        # Whatever was published while we were away may be lost: our devices and long-polls
+        # read their streams again; and the others re-read the users we could not publish for.
+        self.on_resync(None)
+        if self._unsent_everyone:
+            self.control("resync", users=None)
+        elif self._unsent_users:
+            users = sorted(self._unsent_users)
+            for start in range(0, len(users), 1000):
+                self.control("resync", users=users[start : start + 1000])
+        self._unsent_users.clear()
+        self._unsent_everyone = False
+
+    async def _reconnect(self) -> None:
+        await self._close_pubsub()
+        await self._connect_pubsub()
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._subscribed = False
+        for waiter in self._confirmations.values():
+            if not waiter.done():
+                waiter.cancel()
+        self._confirmations.clear()
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), _REDIS_TIMEOUT)
+
+    def _broken(self, why: str) -> None:
+        if self._healthy:
+            log.warning("cluster: %s; degraded until Redis answers again", why)
+        self._healthy = False
+
+    # ------------------------------------------------------------ liveness
+
+    @property
+    def _node_key(self) -> str:
+        return f"{PREFIX}node:{self.node_id}"
+
+    @property
+    def _probe_channel(self) -> str:
+        return f"{PREFIX}probe:{self.node_id}"
+
+    async def _heartbeat_loop(self) -> None:
+        ttl_ms = int(self._settings.node_ttl_seconds * 1000)
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_seconds)
+            try:
+                await self._redis.set(self._node_key, self.node_id, px=ttl_ms)
+                await self._redis.sadd(PREFIX + "nodes", self.node_id)
+                if self._subscribed:
+                    self._healthy = True
+                await self._reap_dead_nodes()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._broken(f"the heartbeat failed: {exc!r}")
+
+    async def _probe_loop(self) -> None:
+        """A subscription can die without an error (a half-open connection): send ourselves a
+        message and reconnect when it does not come back."""
+        while True:
+            await asyncio.sleep(self._settings.probe_seconds)
+            if not self._subscribed:
+                continue
+            self._probe_nonce = secrets.token_hex(8).encode()
+            self._probe_seen.clear()
+            try:
+                await self._redis.publish(self._probe_channel, self._probe_nonce)
+                await asyncio.wait_for(self._probe_seen.wait(), self._settings.probe_timeout_seconds)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self._stopping:
+                    return
+                self._broken(f"the subscription did not answer its probe ({exc!r})")
+                if self._tasks:
+                    self._tasks[0].cancel()
+                    await asyncio.gather(self._tasks[0], return_exceptions=True)
+                    await self._reconnect()
+                    self._tasks[0] = asyncio.create_task(self._read_loop(), name="mqchat-cluster-reader")
+
+    async def _reap_dead_nodes(self) -> None:
+        nodes = [_text(node) for node in await self._redis.smembers(PREFIX + "nodes")]
+        others = [node for node in nodes if node != self.node_id]
+        if not others:
+            return
+        alive = await self._redis.mget([f"{PREFIX}node:{node}" for node in others])
+        for node, key in zip(others, alive, strict=True):
+            if key is None and await self._redis.set(f"{PREFIX}reaping:{node}", self.node_id, nx=True, ex=60):
+                await self._reap(node)
+
+    async def _reap(self, node: str) -> None:
+        """Clear the devices of a dead node; tell everyone which users went offline."""
+        members_key = f"{PREFIX}nodedev:{node}"
+        members = [_text(member) for member in await self._redis.smembers(members_key)]
+        now = str(time.time())
+        offline = []
+        for start in range(0, len(members), 500):
+            chunk = members[start : start + 500]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for member in chunk:
+                    user_id, _, device_id = member.partition("\t")
+                    await self._scripts["reap"](
+                        keys=[f"{PREFIX}dev:{user_id}", f"{PREFIX}seen:{user_id}"],
+                        args=[device_id, node, now],
+                        client=pipe,
+                    )
+                results = await pipe.execute()
+            offline += [m.partition("\t")[0] for m, left in zip(chunk, results, strict=True) if left == 0]
+        await self._redis.delete(members_key)
+        await self._redis.srem(PREFIX + "nodes", node)
+        log.warning("cluster: node %s is gone; cleared %d devices, %d users offline", node, len(members), len(offline))
+        for user_id in sorted(set(offline)):
+            self.control("presence", user=user_id, status="offline", last_seen=float(now))
+            self.on_control({"op": "presence", "user": user_id, "status": "offline", "last_seen": float(now)})
+
+    # ------------------------------------------------------- devices, presence
+
+    async def register(self, device: DeviceAddress, epoch: int, limit: int) -> tuple[bool, int]:
+        """Record the device as connected here, unless the user has ``limit`` other devices
+        connected anywhere; (allowed, devices the user had before). Raises ``Degraded``."""
+        try:
+            user = device.user_id
+            allowed, before = await self._scripts["register"](
+                keys=[f"{PREFIX}dev:{user}", f"{PREFIX}nodedev:{self.node_id}", f"{PREFIX}seen:{user}"],
+                args=[device.device_id, f"{self.node_id}:{epoch}", self.node_id, limit, _member(device), time.time()],
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"registering {device.client_id} failed: {exc!r}")
+            raise Degraded from exc
+        return bool(allowed), int(before)
+
+    async def unregister(self, device: DeviceAddress, epoch: int) -> int:
+        """Devices the user still has connected (-1: a newer connection holds this device)."""
+        try:
+            user = device.user_id
+            left = await self._scripts["unregister"](
+                keys=[f"{PREFIX}dev:{user}", f"{PREFIX}nodedev:{self.node_id}", f"{PREFIX}seen:{user}"],
+                args=[device.device_id, f"{self.node_id}:{epoch}", _member(device), str(time.time())],
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"unregistering {device.client_id} failed: {exc!r}")
+            raise Degraded from exc
+        return int(left)
+
+    async def presence(self, user_id: str) -> tuple[bool, float | None]:
+        """(online anywhere, last seen as a UNIX time)."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hlen(f"{PREFIX}dev:{user_id}")
+                pipe.get(f"{PREFIX}seen:{user_id}")
+                devices, seen = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"reading presence failed: {exc!r}")
+            raise Degraded from exc
+        return int(devices) > 0, None if seen is None else float(seen)
+
+    async def next_epoch(self) -> int:
+        """A cluster-wide increasing number: the newer of two connections of a client id wins."""
+        try:
+            return int(await self._redis.incr(PREFIX + "epoch"))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"allocating an epoch failed: {exc!r}")
+            raise Degraded from exc
+
+    # -------------------------------------------------------------- limits
+
+    async def take(self, requests: Sequence[Sequence[Bucket]]) -> list[float]:
+        """One token from every bucket of each request, atomically across the cluster; per
+        request 0 (passed) or the seconds until it would pass. Raises ``Degraded``."""
+        keys: list[str] = []
+        params: list[float] = []
+        index: dict[str, int] = {}
+        plan: list[int] = []
+        for buckets in requests:
+            for bucket in buckets:
+                if bucket.key not in index:
+                    keys.append(PREFIX + "rl:" + bucket.key)
+                    params += (bucket.rate, bucket.burst)
+                    index[bucket.key] = len(keys)
+                plan.append(index[bucket.key])
+            plan.append(0)
+        try:
+            waits = await self._scripts["buckets"](keys=keys, args=[time.time(), *params, len(requests), *plan])
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"the rate limits failed: {exc!r}")
+            raise Degraded from exc
+        return [float(wait) for wait in waits]
+
+    async def admit_new_device(self, device: DeviceAddress, limit: int, window: float) -> bool:
+        try:
+            return bool(
+                await self._scripts["new_device"](
+                    keys=[f"{PREFIX}newdev:{device.user_id}"], args=[device.device_id, time.time(), window, limit]
+                )
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"the device-id budget failed: {exc!r}")
+            raise Degraded from exc
+
+    async def throttle(self, key: str, window: float, limit: int, *, record: bool) -> float:
+        """Attempts on ``key`` within ``window``: the wait before another may be made (0: now);
+        with ``record``, this attempt is counted first. Raises ``Degraded``."""
+        try:
+            attempt = secrets.token_hex(6)
+            wait = await self._scripts["throttle"](
+                keys=[PREFIX + "th:" + key], args=[time.time(), window, limit, "1" if record else "0", attempt]
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"the throttle failed: {exc!r}")
+            raise Degraded from exc
+        return float(wait)
+
+    async def forget_attempts(self, key: str) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self._redis.delete(PREFIX + "th:" + key)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._redis.ping(), _REDIS_TIMEOUT))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+
+def _member(device: DeviceAddress) -> str:
+    return f"{device.user_id}\t{device.device_id}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
