@@ -38,8 +38,8 @@ from mqchat.api.schemas import (
 )
 from mqchat.bridge.auth import Claims
 from mqchat.bridge.composition import Services
-from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
-from mqchat.core.ids import ConversationId, DeviceAddress, is_valid_id
+from mqchat.core.errors import NotAuthorized, NotFound
+from mqchat.core.ids import ConversationId, DeviceAddress, check_id
 from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
@@ -156,8 +156,7 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         """Revoke one of your devices: its live MQTT connection is closed at once, and every
         token issued before now is refused for it (MQTT and HTTP). Logging in again issues
         fresh tokens."""
-        if not is_valid_id(device_id):
-            raise InvalidCommand("device_id must match [A-Za-z0-9_.-]{1,64}")
+        check_id(device_id, "device_id")
         await services.accounts.revoke_device(user, device_id)
         await services.chat.close_device(DeviceAddress(user, device_id))
         return Response(status_code=204)
