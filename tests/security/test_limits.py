@@ -19,7 +19,6 @@ from mqchat.config import LimitsSettings, Settings
 from mqchat.core.errors import InvalidCommand, RateLimited
 from mqchat.core.protocol import decode_event, encode_event, error_event
 from mqchat.runner import RunningServer
-from tests.helpers import connect_device, http_client, register
 from tests.security.raw import (
     CONNACK_ACCEPTED,
     CONNACK_BAD_VERSION,
@@ -30,6 +29,8 @@ from tests.security.raw import (
     raw_client,
     subscribe,
 )
+from tests.support.accounts import http_client, register
+from tests.support.devices import connect_device
 
 LIMITS = LimitsSettings(
     max_packet_bytes=4096,
