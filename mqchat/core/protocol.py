@@ -1,6 +1,6 @@
 """Protocol v1 envelopes, sans-IO: bytes in, typed commands out; typed events in, bytes out.
 
-The broker plugin, the HTTP API, the clients and the tests all go through this
+The broker, the HTTP API, the clients and the tests all go through this
 module, so every field is defined exactly once. docs/protocol.md is the prose
 version of this file and must stay in step with it.
 """
