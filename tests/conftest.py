@@ -19,6 +19,9 @@ from hypothesis import settings as hypothesis_settings
 
 from mqchat.config import Settings
 from mqchat.runner import RunningServer, run_server
+from tests.support.services import service_missing
+
+pytest_plugins = ["tests.support.browser"]
 
 # The suite shares 2 cores with servers under load: wall-clock deadlines would only add flakes.
 hypothesis_settings.register_profile("mqchat", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -29,13 +32,6 @@ hypothesis_settings.load_profile("mqchat")
 os.environ.setdefault("MQCHAT_AUTH__REGISTRATIONS_PER_IP_PER_HOUR", "1000000")
 
 PG_URL = os.environ.get("MQCHAT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-REQUIRE_SERVICES = os.environ.get("MQCHAT_REQUIRE_SERVICES") == "1"
-
-
-def _service_missing(reason: str) -> None:
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{reason} (MQCHAT_REQUIRE_SERVICES=1 turns this skip into a failure)")
-    pytest.skip(reason)
 
 
 async def _fresh_pg_database() -> tuple[str, str]:
@@ -45,7 +41,7 @@ async def _fresh_pg_database() -> tuple[str, str]:
     try:
         conn = await asyncpg.connect(admin_dsn, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
-        _service_missing(f"PostgreSQL at {PG_URL} is unreachable: {exc}")
+        service_missing(f"PostgreSQL at {PG_URL} is unreachable: {exc}")
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:

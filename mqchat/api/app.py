@@ -38,8 +38,8 @@ from mqchat.api.schemas import (
 )
 from mqchat.bridge.auth import Claims
 from mqchat.bridge.composition import Services
-from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
-from mqchat.core.ids import DeviceAddress, is_valid_id
+from mqchat.core.errors import NotAuthorized, NotFound
+from mqchat.core.ids import ConversationId, DeviceAddress, check_id
 from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
@@ -77,13 +77,6 @@ UserDep = Annotated[str, Depends(_current_user)]
 SinceSeq = Annotated[int, Query(ge=0, le=2**62)]
 # Ids are 64-bit in the database: a larger number must be a 422, not a driver overflow (500).
 MessageId = Annotated[int, PathParam(ge=1, le=2**62)]
-
-
-def _checked_conversation(conversation_id: str) -> str:
-    kind, _, ident = conversation_id.partition(":")
-    if kind not in ("user", "group") or not is_valid_id(ident):
-        raise InvalidCommand("conversation_id must be 'user:{user_id}' or 'group:{group_id}'")
-    return conversation_id
 
 
 def _token(services: Services, access: str, user_id: str, device_id: str | None) -> Token:
@@ -168,8 +161,7 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         """Revoke one of your devices: its live MQTT connection is closed at once, and every
         token issued before now is refused for it (MQTT and HTTP). Logging in again issues
         fresh tokens."""
-        if not is_valid_id(device_id):
-            raise InvalidCommand("device_id must match [A-Za-z0-9_.-]{1,64}")
+        check_id(device_id, "device_id")
         await services.accounts.revoke_device(user, device_id)
         await services.chat.close_device(DeviceAddress(user, device_id))
         return Response(status_code=204)
@@ -252,7 +244,7 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT)] = 50,
     ) -> HistoryPage:
         """A page of the conversation, newest first."""
-        page = await services.store.history(user, _checked_conversation(conversation_id), before_id, limit)
+        page = await services.store.history(user, ConversationId.parse(conversation_id), before_id, limit)
         next_before = page[-1].id if len(page) == limit else None
         return HistoryPage(
             conversation_id=conversation_id, messages=[MessagePublic.of(m) for m in page], next_before_id=next_before
@@ -261,8 +253,7 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     @app.post("/v1/conversations/{conversation_id}/read", status_code=204, tags=["history"])
     async def mark_read(conversation_id: str, body: ReadBody, user: UserDep, services: ServicesDep) -> Response:
         """Marks ``message_id`` and everything before it in the conversation read."""
-        _checked_conversation(conversation_id)
-        found = await services.store.history(user, conversation_id, body.message_id + 1, 1)
+        found = await services.store.history(user, ConversationId.parse(conversation_id), body.message_id + 1, 1)
         if not found or found[0].id != body.message_id:
             raise NotFound(f"message {body.message_id} is not in {conversation_id}")
         await services.chat.mark_read(user, body.message_id)

@@ -9,10 +9,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from mqchat.bridge.auth import MAX_PASSWORD, MIN_PASSWORD
 from mqchat.bridge.store import ConversationSummary, GroupInfo, Receipt, StoredMessage
 from mqchat.config import Settings
-from mqchat.core.ids import ID_PATTERN
-from mqchat.core.protocol import ClientMsgId, Content, MsgType, SendGroupMessage, SendMessage, format_time, storable
+from mqchat.core.protocol import (
+    ClientMsgId,
+    Content,
+    MsgType,
+    SendGroupMessage,
+    SendMessage,
+    UserIdStr,
+    format_time,
+    one_target,
+    storable,
+)
 
-UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 Password = Annotated[str, StringConstraints(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)]
 
 
@@ -65,8 +73,7 @@ class SendBody(BaseModel):
 
     @model_validator(mode="after")
     def _one_target(self) -> SendBody:
-        if (self.to_user is None) == (self.group_id is None):
-            raise ValueError("give exactly one of to_user and group_id")
+        one_target(self.to_user, self.group_id)
         return self
 
     def command(self) -> SendMessage | SendGroupMessage:

@@ -30,13 +30,13 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from mqchat.bridge.store import AccountStore
 from mqchat.config import AuthSettings
 from mqchat.core.errors import (
+    ChatError,
     InvalidCommand,
     InvalidCredentials,
     InvalidToken,
     RateLimited,
     RegistrationClosed,
     ServerBusy,
-    StorageUnavailable,
 )
 from mqchat.core.ids import check_id
 from mqchat.core.origin import event_key, sign
@@ -283,8 +283,9 @@ class Accounts:
             # An unknown user costs the same hash as a wrong password, so timing does not
             # reveal which user ids exist.
             ok = await self._hashing.run(self._verify, digest, password)
-        except (ServerBusy, StorageUnavailable):
-            self._throttle.release(user_id, client_ip, stamp)
+        except ChatError as exc:
+            if exc.retryable:  # the server's trouble, not a failed login: it does not count
+                self._throttle.release(user_id, client_ip, stamp)
             raise
         if not ok:
             raise InvalidCredentials("wrong user id or password")

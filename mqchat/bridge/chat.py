@@ -30,7 +30,7 @@ from mqchat.bridge.ratelimit import ConcurrencyLimit, TokenBuckets
 from mqchat.bridge.store import Emitted, GroupInfo, MessageStore, SendOutcome, SendRequest
 from mqchat.config import BridgeSettings, LimitsSettings
 from mqchat.core.errors import ChatError, NotAllowed, NotAMember, NotFound, RateLimited, ServerBusy
-from mqchat.core.ids import DeviceAddress
+from mqchat.core.ids import ConversationId, DeviceAddress
 from mqchat.core.protocol import (
     Ack,
     Event,
@@ -485,7 +485,7 @@ class ChatService:
         return encode_event(await self.presence.of(user_id))
 
     async def typing(self, device: DeviceAddress, command: Typing) -> None:
-        target = f"group:{command.group_id}" if command.group_id else f"user:{command.to_user}"
+        target = ConversationId.addressed(command.to_user, command.group_id)
         if not self._typing.allow(device.client_id, target, command.state):
             return  # ephemeral and throttled: dropping a repeat loses nothing
         event = TypingEvent(

@@ -1,6 +1,6 @@
 """The composition root: builds the store, accounts and chat service, and closes them in order.
 
-The broker plugin and the FastAPI app both receive the one ``Services`` made here;
+The broker (``MqttServer``) and the FastAPI app both receive the one ``Services`` made here;
 nothing creates engines or clients at import time.
 """
 

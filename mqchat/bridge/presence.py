@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from mqchat.bridge.cluster import Degraded, RedisCluster
-from mqchat.core.ids import DeviceAddress
+from mqchat.core.ids import ConversationId, DeviceAddress
 from mqchat.core.protocol import Presence, format_time
 
 
@@ -140,9 +140,9 @@ class TypingThrottle:
 
     def __init__(self, interval: float) -> None:
         self._interval = interval
-        self._last: dict[tuple[str, str], tuple[str, float]] = {}
+        self._last: dict[tuple[str, ConversationId], tuple[str, float]] = {}
 
-    def allow(self, client_id: str, target: str, state: str) -> bool:
+    def allow(self, client_id: str, target: ConversationId, state: str) -> bool:
         now = time.monotonic()
         key = (client_id, target)
         previous = self._last.get(key)

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from mqchat.core.errors import ChatError
+from mqchat.core.ids import ConversationId
 from mqchat.core.protocol import AnyStreamEvent, MsgType, format_time
 
 Emitted = tuple[tuple[str, AnyStreamEvent], ...]
@@ -43,11 +44,9 @@ class StoredMessage:
     created_at: datetime
     recalled_at: datetime | None = None
 
-    def conversation_for(self, viewer: str) -> str:
-        """The conversation id as ``viewer`` sees it: ``group:{id}`` or ``user:{the other}``."""
-        if self.group_id is not None:
-            return f"group:{self.group_id}"
-        return f"user:{self.to_user if viewer == self.sender else self.sender}"
+    def conversation_for(self, viewer: str) -> ConversationId:
+        """The conversation as ``viewer`` sees it: ``group:{id}`` or ``user:{the other}``."""
+        return ConversationId.for_viewer(viewer, sender=self.sender, to_user=self.to_user, group_id=self.group_id)
 
     def public_fields(self) -> dict[str, Any]:
         """The message as clients see it, the one definition of its rendering: the fields of
@@ -175,7 +174,7 @@ class MessageStore(AccountStore, Protocol):
     async def conversations(self, user_id: str, limit: int) -> list[ConversationSummary]: ...
 
     async def history(
-        self, user_id: str, conversation_id: str, before_id: int | None, limit: int
+        self, user_id: str, conversation: ConversationId, before_id: int | None, limit: int
     ) -> list[StoredMessage]:
         """The messages of a conversation that reached ``user_id``'s stream, newest first."""
 

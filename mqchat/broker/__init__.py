@@ -1,1 +1,1 @@
-"""The embedded amqtt broker: listeners, token auth, the topic ACL and the bridge plugin."""
+"""The MQTT broker: connections, sessions, the topic ACL and delivery; amqtt hosts the listeners."""

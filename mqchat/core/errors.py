@@ -21,12 +21,15 @@
     ├── Conflict                   conflict
     │   ├── UserExists             user_exists
     │   └── GroupFull              group_full
-    ├── RateLimited                rate_limited      (carries retry_after, seconds)
-    ├── ServerBusy                 server_busy
-    └── StorageUnavailable         storage_unavailable
+    ├── RateLimited                rate_limited          retryable, carries retry_after (seconds)
+    ├── ServerBusy                 server_busy           retryable
+    └── StorageUnavailable         storage_unavailable   retryable
 
 Every error has a stable ``code`` string (part of the protocol contract, see
-docs/protocol.md) and an HTTP ``status``. Adapters translate driver exceptions
+docs/protocol.md) and an HTTP ``status``. ``retryable`` says whether the same request
+(a send with the same ``client_msg_id``) may simply be made again later: nothing was
+stored, and the refusal says "not now" rather than "not this"; ``retryable_code`` answers
+the same for a code received in an ``error`` event or an HTTP body. Adapters translate driver exceptions
 into these at their boundary; exactly one place maps them to an HTTP response
 (``mqchat.api.errors``) and one to the MQTT ``error`` event
 (``mqchat.core.protocol.error_event``).
@@ -42,6 +45,7 @@ class ChatError(Exception):
 
     code = "internal_error"
     status = 500
+    retryable = False
 
     def __init__(self, message: str, *, ref: str | None = None) -> None:
         super().__init__(message)
@@ -137,6 +141,7 @@ class RateLimited(ChatError):
 
     code = "rate_limited"
     status = 429
+    retryable = True
 
     def __init__(self, message: str, *, retry_after: float, ref: str | None = None) -> None:
         super().__init__(message, ref=ref)
@@ -149,6 +154,7 @@ class ServerBusy(ChatError):
 
     code = "server_busy"
     status = 503
+    retryable = True
 
 
 class StorageUnavailable(ChatError):
@@ -156,6 +162,7 @@ class StorageUnavailable(ChatError):
 
     code = "storage_unavailable"
     status = 503
+    retryable = True
 
 
 ALL_ERRORS: tuple[type[ChatError], ...] = (
@@ -182,3 +189,11 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     ServerBusy,
     StorageUnavailable,
 )
+
+_RETRYABLE_CODES = frozenset(error.code for error in ALL_ERRORS if error.retryable)
+
+
+def retryable_code(code: str) -> bool:
+    """Whether an error with this code (from an ``error`` event or an HTTP error body) means
+    "not now": nothing was stored, and the same request may be made again later."""
+    return code in _RETRYABLE_CODES

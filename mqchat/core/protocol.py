@@ -1,6 +1,6 @@
 """Protocol v1 envelopes, sans-IO: bytes in, typed commands out; typed events in, bytes out.
 
-The broker plugin, the HTTP API, the clients and the tests all go through this
+The broker, the HTTP API, the clients and the tests all go through this
 module, so every field is defined exactly once. docs/protocol.md is the prose
 version of this file and must stay in step with it.
 """
@@ -46,10 +46,17 @@ def storable(text: str) -> str:
 
 
 UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
+"""A user, group or device id in an envelope or an HTTP body (the pattern of ``core.ids``)."""
 ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLIENT_MSG_ID), AfterValidator(storable)]
 Content = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(storable)]
 MsgType = Literal["text", "image", "video", "file"]
 Seq = Annotated[int, Field(ge=0, le=2**62)]
+
+
+def one_target(to_user: str | None, group_id: str | None) -> None:
+    """A send over HTTP and a ``typing`` name one recipient or one group: never both, never neither."""
+    if (to_user is None) == (group_id is None):
+        raise ValueError("give exactly one of to_user and group_id")
 
 
 class _Envelope(BaseModel):
@@ -112,8 +119,7 @@ class Typing(_Envelope):
 
     @model_validator(mode="after")
     def _one_target(self) -> Typing:
-        if (self.to_user is None) == (self.group_id is None):
-            raise ValueError("give exactly one of to_user and group_id")
+        one_target(self.to_user, self.group_id)
         return self
 
 

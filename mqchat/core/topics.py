@@ -49,7 +49,7 @@ def may_subscribe(device: DeviceAddress, topic_filter: str) -> bool:
 
     Wildcard filters are refused outright: a filter such as ``chat/+/alice`` would be
     harmless today but could match a topic added tomorrow. Group and presence topics
-    depend on membership and contacts and are checked by the broker's ACL plugin.
+    depend on membership and contacts and are checked by the broker's ``TopicAcl``.
     """
     return topic_filter in (stream_topic(device.user_id), device_topic(device))
 

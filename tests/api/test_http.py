@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from mqchat.runner import RunningServer
-from tests.helpers import PASSWORD, connect_device, http_client, register
+from tests.support.accounts import PASSWORD, http_client, login, register
+from tests.support.devices import connect_device
 
 
 async def test_register_and_token(server: RunningServer) -> None:
@@ -39,7 +40,7 @@ async def test_requires_valid_bearer(server: RunningServer) -> None:
 async def test_send_sync_and_idempotency(server: RunningServer) -> None:
     alice = await register(server, "alice")
     await register(server, "bob")
-    bob = await register_token(server, "bob")
+    bob = await login(server, "bob")
     message = {"client_msg_id": "c-1", "to_user": "bob", "content": "Hello Bob!", "msg_type": "text"}
     async with http_client(server, alice) as http:
         first = await http.post("/v1/messages", json=message)
@@ -60,13 +61,6 @@ async def test_send_sync_and_idempotency(server: RunningServer) -> None:
         assert event["type"] == "new_message" and event["seq"] == 1
         paged = (await http.get("/v1/sync", params={"since_seq": 1})).json()
         assert paged["events"] == [] and paged["latest_seq"] == 1
-
-
-async def register_token(server: RunningServer, user_id: str) -> str:
-    async with http_client(server) as http:
-        return str(
-            (await http.post("/v1/token", json={"user_id": user_id, "password": PASSWORD})).json()["access_token"]
-        )
 
 
 async def test_long_poll_woken_by_mqtt_send(server: RunningServer) -> None:

@@ -9,7 +9,7 @@ import pytest
 from mqchat.api.schemas import ClientConfig
 from mqchat.config import Settings
 from mqchat.runner import RunningServer
-from tests.helpers import http_client
+from tests.support.accounts import http_client
 
 
 @pytest.fixture

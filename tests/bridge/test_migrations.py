@@ -21,6 +21,7 @@ from mqchat.bridge.store import SendOutcome, SendRequest
 from mqchat.bridge.tables import METADATA
 from mqchat.cli import main
 from mqchat.config import Settings
+from mqchat.core.ids import ConversationId
 from mqchat.core.protocol import GroupUpdated, NewMessage
 
 LEGACY = Path(__file__).parent / "legacy"
@@ -86,7 +87,7 @@ async def test_a_database_from_before_migrations_is_upgraded_and_loses_nothing(d
         assert isinstance(first, NewMessage) and first.content == "hello ben" and first.to_user == "ben"
         assert isinstance(second, NewMessage) and second.group_id == "g1"
         assert isinstance(third, GroupUpdated) and third.action == "member_left"
-        assert [m.content for m in await store.history("ben", "user:ann", None, 10)] == ["hello ben"]
+        assert [m.content for m in await store.history("ben", ConversationId.user("ann"), None, 10)] == ["hello ben"]
         [group] = await store.groups_of("ben")
         assert (group.name, group.members) == ("crew", ("ann", "ben"))
         [receipt] = await store.receipts("ann", 1)

@@ -8,7 +8,8 @@ import aiomqtt
 import pytest
 
 from mqchat.runner import RunningServer
-from tests.helpers import connect_device, register
+from tests.support.accounts import register
+from tests.support.devices import connect_device
 
 
 async def test_wrong_token_with_a_live_client_id_does_not_cut_the_device_off(server: RunningServer) -> None:

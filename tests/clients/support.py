@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -14,12 +13,6 @@ from mqchat.core.protocol import AnyStreamEvent, NewMessage
 
 FAST = Backoff(initial=0.05, maximum=0.5)
 E = TypeVar("E")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_client(

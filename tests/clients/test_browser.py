@@ -1,16 +1,14 @@
 """The browser page (``mqchat/api/static``) in real headless Chromium, against a real server.
 
-Debian's ``chromium`` driven by Playwright (``executable_path``: Playwright's own browser
-download is not used; ``MQCHAT_TEST_CHROMIUM`` names another binary). Without Playwright or
-Chromium these tests skip, unless ``MQCHAT_REQUIRE_SERVICES=1`` (CI), where they fail. SQLite
-only: the page does not care which store the server uses.
+Debian's ``chromium`` driven by Playwright, through the ``browser`` fixture of
+``tests/support/browser.py`` (which says when these tests skip). SQLite only: the page does not
+care which store the server uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,38 +19,17 @@ import pytest
 from mqchat.core.protocol import MessageRead, NewMessage
 from mqchat.runner import RunningServer
 from tests.clients.support import event_log, make_client, started
-from tests.conftest import _service_missing
-from tests.helpers import PASSWORD, http_client, register
+from tests.support.accounts import PASSWORD, http_client, register
 
 try:
-    from playwright.async_api import (
-        Browser,
-        BrowserContext,
-        Locator,
-        Page,
-        WebSocketRoute,
-        async_playwright,
-        expect,
-    )
-except ImportError:  # reported by the ``browser`` fixture
-    HAVE_PLAYWRIGHT = False
+    from playwright.async_api import Browser, BrowserContext, Locator, Page, WebSocketRoute, expect
+except ImportError:  # the ``browser`` fixture skips (or fails) these tests
+    pass
 else:
-    HAVE_PLAYWRIGHT = True
     expect.set_options(timeout=20_000)  # generous: the machine is shared; nothing here measures speed
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path(os.environ.get("MQCHAT_TEST_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WAIT_MS = 20_000
 """For page actions, as for ``expect`` above."""
 
@@ -60,25 +37,6 @@ WAIT_MS = 20_000
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'mqchat.db'}"
-
-
-@pytest.fixture
-def chromium_path() -> Path:
-    if not HAVE_PLAYWRIGHT:
-        _service_missing("the playwright package is not installed (pip install -e '.[test]')")
-    if not CHROMIUM.exists():
-        _service_missing(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    return CHROMIUM
-
-
-@pytest.fixture
-async def browser(chromium_path: Path) -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=str(chromium_path), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 _SEND_ON_CLOSED_SOCKET = "WebSocket is already in CLOSING or CLOSED state."

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.conftest import ServerProcess
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 

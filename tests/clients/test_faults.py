@@ -11,17 +11,23 @@ from pathlib import Path
 import pytest
 
 from mqchat.core.protocol import MessageAck
-from tests.clients.conftest import ServerProcess
-from tests.clients.support import event_log, make_client, started, until
-from tests.helpers import PASSWORD
+from tests.clients.support import client_for, event_log, make_client, started, until
+from tests.support.accounts import PASSWORD, http_client
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 
 
+async def history(server: ServerProcess, token: str, conversation_id: str) -> list[dict[str, object]]:
+    async with http_client(server, token) as http:
+        page = await http.get(f"/v1/conversations/{conversation_id}/messages", params={"limit": 200})
+        return list(page.json()["messages"])
+
+
 async def test_server_killed_between_send_and_ack(server_process: ServerProcess, tmp_path: Path) -> None:
     alice_token, bob_token = await server_process.register("alice"), await server_process.register("bob")
-    alice = server_process.client("alice", alice_token, tmp_path)
-    bob = server_process.client("bob", bob_token, tmp_path)
+    alice = client_for(server_process, "alice", alice_token, tmp_path)
+    bob = client_for(server_process, "bob", bob_token, tmp_path)
     async with started(alice, bob), event_log(bob) as bob_events:
         # Freeze the server, so that the send reaches its socket but gets no answer, then kill it.
         server_process.signal(signal.SIGSTOP)
@@ -39,15 +45,15 @@ async def test_server_killed_between_send_and_ack(server_process: ServerProcess,
         )  # fmt: skip
         await asyncio.sleep(1)
         assert [e for e in bob_events.queue._queue if getattr(e, "content", None)] == []  # nothing twice
-    assert [m["client_msg_id"] for m in await server_process.history(bob_token, "user:alice")] == [ack.client_msg_id]
+    assert [m["client_msg_id"] for m in await history(server_process, bob_token, "user:alice")] == [ack.client_msg_id]
 
 
 async def test_server_killed_during_a_burst(server_process: ServerProcess, tmp_path: Path) -> None:
     """Killed right after the first ack: some sends are stored and acked, some stored but
     their acks lost (resent, answered ``duplicate``), some never reached the database."""
     alice_token, bob_token = await server_process.register("alice"), await server_process.register("bob")
-    alice = server_process.client("alice", alice_token, tmp_path)
-    bob = server_process.client("bob", bob_token, tmp_path)
+    alice = client_for(server_process, "alice", alice_token, tmp_path)
+    bob = client_for(server_process, "bob", bob_token, tmp_path)
     count = 60
     async with started(alice, bob), event_log(bob) as bob_events:
         sends = [asyncio.create_task(alice.send(to_user="bob", content=f"burst {i:03}")) for i in range(count)]
@@ -64,7 +70,7 @@ async def test_server_killed_during_a_burst(server_process: ServerProcess, tmp_p
         await asyncio.sleep(1)
         assert bob_events.queue.empty() or all(not hasattr(e, "content") for e in bob_events.queue._queue)
     assert unanswered > 0, "the kill came too late to test anything"
-    stored = await server_process.history(bob_token, "user:alice")
+    stored = await history(server_process, bob_token, "user:alice")
     assert [m["content"] for m in reversed(stored)] == [f"burst {i:03}" for i in range(count)]
 
 
@@ -74,8 +80,8 @@ async def test_network_drop_during_a_burst_of_200(server_process: ServerProcess,
     (A server process, not the in-process one: amqtt 0.12.1 leaks the server side of a
     connection reset by its peer, and the leak would surface as a ResourceWarning here.)"""
     alice_token, bob_token = await server_process.register("alice"), await server_process.register("bob")
-    alice = server_process.client("alice", alice_token, tmp_path)
-    bob = server_process.client("bob", bob_token, tmp_path)
+    alice = client_for(server_process, "alice", alice_token, tmp_path)
+    bob = client_for(server_process, "bob", bob_token, tmp_path)
     count = 200
     async with started(alice, bob), event_log(bob) as bob_events:
         sends = [asyncio.create_task(alice.send(to_user="bob", content=f"m{i:03}")) for i in range(count)]
@@ -105,7 +111,7 @@ async def test_network_drop_during_a_burst_of_200(server_process: ServerProcess,
         await asyncio.sleep(1)
         assert all(not hasattr(e, "content") for e in bob_events.queue._queue)  # nothing twice
         assert alice.outbox() == []
-    stored = await server_process.history(bob_token, "user:alice")
+    stored = await history(server_process, bob_token, "user:alice")
     assert [m["content"] for m in reversed(stored)] == [f"m{i:03}" for i in range(count)]
 
 
@@ -122,7 +128,8 @@ async def test_rate_limited_sends_are_retried(
     await limited.start()
     try:
         alice_token, bob_token = await limited.register("alice"), await limited.register("bob")
-        alice, bob = limited.client("alice", alice_token, tmp_path), limited.client("bob", bob_token, tmp_path)
+        alice = client_for(limited, "alice", alice_token, tmp_path)
+        bob = client_for(limited, "bob", bob_token, tmp_path)
         count = 40
         with caplog.at_level(logging.INFO, logger="mqchat.clients"):
             async with started(alice, bob), event_log(bob) as bob_events:

@@ -18,7 +18,7 @@ from mqchat.core.origin import event_key, sign
 from mqchat.core.protocol import MessageDelivered, NewMessage, encode_event
 from mqchat.runner import RunningServer
 from tests.clients.support import client_for, event_log, quiet, started, until
-from tests.helpers import PASSWORD, register
+from tests.support.accounts import PASSWORD, register
 
 pytestmark = pytest.mark.timeout(60)
 

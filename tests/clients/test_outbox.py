@@ -14,8 +14,9 @@ import pytest
 from mqchat.clients import StoreInUse
 from mqchat.clients.store import LocalStore
 from mqchat.core.protocol import NewMessage
-from tests.clients.conftest import ServerProcess
-from tests.clients.support import client_for, event_log, free_port, quiet, started, until
+from tests.clients.support import client_for, event_log, quiet, started, until
+from tests.support.ports import free_port
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 

@@ -17,7 +17,8 @@ from mqchat.core.errors import InvalidCommand, UnknownRecipient
 from mqchat.core.protocol import MessageAck, MessageDelivered, MessageRead, MessageRecalled, NewMessage, ReadMarker
 from mqchat.runner import RunningServer
 from tests.clients.support import FAST, client_for, event_log, make_client, messages, next_of, quiet, started, until
-from tests.helpers import PASSWORD, connect_device, register
+from tests.support.accounts import PASSWORD, register
+from tests.support.devices import connect_device
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.conftest import ServerProcess
-from tests.helpers import PASSWORD
+from tests.support.accounts import PASSWORD
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]
 

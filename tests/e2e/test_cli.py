@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.support.accounts import http_client
+from tests.support.ports import free_port
+from tests.support.processes import ServerProcess
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def mqchat(*args: str, data_dir: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -33,43 +27,6 @@ def mqchat(*args: str, data_dir: Path, check: bool = True) -> subprocess.Complet
         timeout=60,
         check=check,
     )
-
-
-@asynccontextmanager
-async def serving(data_dir: Path, http_port: int) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mqchat.cli",
-        "serve",
-        "--data-dir",
-        str(data_dir),
-        "--host",
-        "127.0.0.1",
-        "--mqtt-port",
-        str(free_port()),
-        "--ws-port",
-        str(free_port()),
-        "--http-port",
-        str(http_port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
-            for _ in range(200):
-                try:
-                    if (await http.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("server did not become healthy")
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_tokens_survive_a_restart_and_the_secret_is_private(tmp_path: Path) -> None:
@@ -85,24 +42,18 @@ async def test_tokens_survive_a_restart_and_the_secret_is_private(tmp_path: Path
     unknown = mqchat("token", "nobody", data_dir=data, check=False)
     assert unknown.returncode == 1 and "no such user" in unknown.stderr
 
-    port = free_port()
-    for _ in range(2):  # the same token works before and after a restart
-        async with (
-            serving(data, port),
-            httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}
-            ) as http,
-        ):
+    server = ServerProcess(data)
+    for _ in range(2):  # the same token works before and after a restart (on the same ports)
+        async with server, http_client(server, token) as http:
             response = await http.get("/v1/sync")
             assert response.status_code == 200, response.text
 
 
 async def test_ctrl_c_shuts_down_cleanly(tmp_path: Path) -> None:
-    async with serving(tmp_path / "data", free_port()) as proc:
-        proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 15) == 0
-        assert proc.stdout is not None
-        out = (await proc.stdout.read()).decode()
+    async with ServerProcess(tmp_path / "data", stdout_path=tmp_path / "stdout.txt") as server:
+        server.signal(signal.SIGINT)
+        assert await server.wait(15) == 0
+        out = server.stdout()
         assert "MQTT on 127.0.0.1:" in out and "shutting down" in out
 
 

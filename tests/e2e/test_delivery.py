@@ -21,7 +21,8 @@ import pytest
 
 from mqchat.config import Settings
 from mqchat.runner import RunningServer
-from tests.helpers import UNLIMITED, Device, connect_device, http_client, register
+from tests.support.accounts import UNLIMITED, http_client, register
+from tests.support.devices import Device, connect_device
 
 pytestmark = pytest.mark.timeout(60)
 

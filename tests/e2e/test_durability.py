@@ -11,132 +11,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import httpx
 import pytest
+
+from tests.support.accounts import http_client, register
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
-PASSWORD = "correct-horse-1"
 BURST = 300
 KILL_AFTER_ACKS = 150
 TEST_BUDGET = 60  # seconds, for the whole scenario
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """One ``mqchat serve`` subprocess and the ports it listens on."""
-
-    proc: subprocess.Popen[bytes]
-    mqtt_port: int
-    ws_port: int
-    http_port: int
-    log_path: Path
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hook, no flush, nothing runs after this."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def _spawn_server(data_dir: Path, database_url: str | None, log_path: Path) -> Iterator[ServerProcess]:
-    mqtt_port, ws_port, http_port = _free_port(), _free_port(), _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mqchat.cli",
-        "serve",
-        "--data-dir",
-        str(data_dir),
-        "--host",
-        "127.0.0.1",
-        "--mqtt-port",
-        str(mqtt_port),
-        "--ws-port",
-        str(ws_port),
-        "--http-port",
-        str(http_port),
-        "--log-level",
-        "WARNING",
-    ]
-    if database_url is not None:
-        command += ["--database-url", database_url]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MQCHAT_")}
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env
-        )
-    server = ServerProcess(proc, mqtt_port, ws_port, http_port, log_path)
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-async def _wait_healthy(server: ServerProcess, timeout: float = 20) -> bool:
-    """True once ``/healthz`` answers; False if the server lost a race for one of its ports."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=2) as http:
-        while True:
-            if server.proc.poll() is not None:
-                if server.proc.returncode == 2 and "already in use" in server.log_tail():
-                    return False
-                pytest.fail(f"mqchat serve exited with {server.proc.returncode}:\n{server.log_tail()}")
-            with contextlib.suppress(httpx.TransportError):
-                response = await http.get("/healthz")
-                if response.status_code == 200:
-                    return True
-            if loop.time() > deadline:
-                pytest.fail(f"mqchat serve not healthy after {timeout}s:\n{server.log_tail()}")
-            await asyncio.sleep(0.1)
-
-
-@contextlib.asynccontextmanager
-async def _running(data_dir: Path, database_url: str | None, log_path: Path) -> AsyncIterator[ServerProcess]:
-    # A port picked free can be taken by someone else before the server binds it: pick again.
-    for _ in range(3):
-        with _spawn_server(data_dir, database_url, log_path) as server:
-            if await _wait_healthy(server):
-                yield server
-                return
-    pytest.fail(f"mqchat serve could not get free ports:\n{server.log_tail()}")
-
-
-def _http(server: ServerProcess, token: str | None = None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", headers=headers, timeout=15)
-
-
-async def _register(server: ServerProcess, user_id: str) -> str:
-    async with _http(server) as http:
-        created = await http.post("/v1/users", json={"user_id": user_id, "password": PASSWORD})
-        assert created.status_code == 201, created.text
-        token = await http.post("/v1/token", json={"user_id": user_id, "password": PASSWORD})
-        assert token.status_code == 200, token.text
-        return str(token.json()["access_token"])
+def _server(data_dir: Path, database_url: str | None, log_path: Path) -> ServerProcess:
+    """Started by ``async with``, SIGKILLed at its end. As a user runs it: none of this
+    process's MQCHAT_* settings, quiet logs."""
+    return ServerProcess(data_dir, database_url, clean_env=True, args=["--log-level", "WARNING"], log_path=log_path)
 
 
 async def _read_stream(server: ServerProcess, token: str, limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -144,7 +41,7 @@ async def _read_stream(server: ServerProcess, token: str, limit: int) -> tuple[l
     events: list[dict[str, Any]] = []
     since = 0
     latest = -1
-    async with _http(server, token) as http:
+    async with http_client(server, token) as http:
         for _ in range(100):
             response = await http.get("/v1/sync", params={"since_seq": since, "limit": limit})
             assert response.status_code == 200, response.text
@@ -273,15 +170,15 @@ async def test_acked_messages_survive_kill_9(tmp_path: Path, db_url_arg: str | N
     log_path = tmp_path / "server.log"
     async with asyncio.timeout(TEST_BUDGET):
         # ---- 1. a burst of sends, SIGKILL while acks are still arriving
-        async with _running(data_dir, db_url_arg, log_path) as first:
-            alice_token = await _register(first, "alice")
-            bob_token = await _register(first, "bob")
+        async with _server(data_dir, db_url_arg, log_path) as first:
+            alice_token = await register(first, "alice")
+            bob_token = await register(first, "bob")
             async with _alice(first, alice_token, threshold=KILL_AFTER_ACKS) as alice:
                 tasks = await _burst(alice, BURST)
                 try:
                     async with asyncio.timeout(20):
                         await alice.reached.wait()
-                    first.kill()
+                    await first.kill()
                     async with asyncio.timeout(10):
                         await alice.disconnected.wait()
                 finally:
@@ -289,14 +186,14 @@ async def test_acked_messages_survive_kill_9(tmp_path: Path, db_url_arg: str | N
                 acked = dict(alice.acks)
                 assert not alice.duplicate_acks
                 assert not alice.other, alice.other
-        assert first.proc.returncode == -signal.SIGKILL
+        assert first.proc is not None and first.proc.returncode == -signal.SIGKILL
         assert KILL_AFTER_ACKS <= len(acked) <= BURST
         assert all(ack["duplicate"] is False and ack["status"] == "sent" for ack in acked.values())
         # One device publishing in order: message i is stored i-th, at seq i + 1 of alice's stream.
         assert all(ack["seq"] == _index(cid) + 1 for cid, ack in acked.items())
 
         # ---- 2. restart on the same data: every acked message is there, exactly once
-        async with _running(data_dir, db_url_arg, log_path) as second:
+        async with _server(data_dir, db_url_arg, log_path) as second:
             # The signing secret lives in the data dir: tokens issued before the crash still work.
             bob_events, bob_latest = await _read_stream(second, bob_token, limit=500)
             alice_events, alice_latest = await _read_stream(second, alice_token, limit=500)
@@ -354,4 +251,4 @@ async def test_acked_messages_survive_kill_9(tmp_path: Path, db_url_arg: str | N
                 assert alice_final_by_id[cid]["server_msg_id"] == ack["server_msg_id"]
                 assert alice_final_by_id[cid]["seq"] == ack["seq"]
             assert len({e["server_msg_id"] for e in bob_final}) == BURST
-        assert second.proc.poll() is not None
+        assert second.proc is not None and second.proc.returncode is not None

@@ -6,7 +6,8 @@ import asyncio
 from typing import Any
 
 from mqchat.runner import RunningServer
-from tests.helpers import Device, connect_device, http_client, register
+from tests.support.accounts import http_client, register
+from tests.support.devices import Device, connect_device
 
 
 async def create_group(server: RunningServer, token: str, name: str, members: list[str]) -> str:

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from mqchat.runner import RunningServer
-from tests.helpers import checked_origin, http_client, register
+from tests.support.accounts import http_client, register
+from tests.support.devices import aiomqtt_client, checked_origin, topic_and_payload
+from tests.support.paho import PahoDevice, paho_device
+from tests.support.services import service_missing
 
 pytestmark = pytest.mark.interop
 
@@ -61,9 +61,9 @@ class _Received:
     and ``drain`` returns them, so that every event is accounted for.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, queue: asyncio.Queue[tuple[str, bytes]]) -> None:
         self.key = key  # the user's event key: every event must carry the server's signature
-        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self.queue = queue
         self._aside: list[tuple[str, dict[str, Any]]] = []
 
     async def next(self, kind: str) -> tuple[str, dict[str, Any]]:
@@ -93,79 +93,44 @@ class _Received:
 
 
 class PahoEndpoint(_Received):
-    def __init__(self, client: mqtt.Client, user_id: str, device_id: str, key: bytes) -> None:
-        super().__init__(key)
-        self.client = client
+    def __init__(self, paho: PahoDevice, user_id: str, device_id: str, key: bytes) -> None:
+        super().__init__(key, paho.messages)
+        self.paho = paho
         self.user_id = user_id
         self.device_id = device_id
 
     async def send(self, to_user: str, content: str, client_msg_id: str) -> None:
-        info = self.client.publish(
-            f"chat/in/{self.user_id}/{self.device_id}", command(to_user, content, client_msg_id), qos=1
-        )
-        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
-        await asyncio.to_thread(info.wait_for_publish, TIMEOUT)  # its PUBACK
-        assert info.is_published()
+        # Returns once PUBACKed.
+        await self.paho.publish(f"chat/in/{self.user_id}/{self.device_id}", command(to_user, content, client_msg_id))
 
 
 @contextlib.asynccontextmanager
 async def paho_endpoint(
     server: RunningServer, user_id: str, device_id: str, token: str, *, websocket: bool = False
 ) -> AsyncIterator[PahoEndpoint]:
-    loop = asyncio.get_running_loop()
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{user_id}:{device_id}",
-        protocol=mqtt.MQTTv311,
-        transport="websockets" if websocket else "tcp",
-        reconnect_on_failure=False,
-    )
-    if websocket:
-        client.ws_set_options(path="/mqtt")
-    client.username_pw_set(user_id, token)
-    endpoint = PahoEndpoint(client, user_id, device_id, server.services.event_keys.key_for(user_id))
-    connack: asyncio.Future[int] = loop.create_future()
-    suback: asyncio.Future[list[int]] = loop.create_future()
-
-    def settle(future: asyncio.Future[Any], value: Any) -> None:
-        if not future.done():
-            future.set_result(value)
-
-    # Callbacks run on paho's thread and only hand values to the event loop.
-    client.on_connect = lambda _c, _u, _f, reason, _p: loop.call_soon_threadsafe(settle, connack, reason.value)
-    client.on_subscribe = lambda _c, _u, _m, reasons, _p: loop.call_soon_threadsafe(
-        settle, suback, [reason.value for reason in reasons]
-    )
-    client.on_message = lambda _c, _u, message: loop.call_soon_threadsafe(
-        endpoint.queue.put_nowait, (message.topic, bytes(message.payload))
-    )
-
-    port = server.ws_port if websocket else server.mqtt_port
-    await asyncio.to_thread(client.connect, "127.0.0.1", port, 30)
-    client.loop_start()
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            assert await connack == 0
-        client.subscribe([(f"chat/user/{user_id}", 1), (f"chat/device/{user_id}/{device_id}", 1)])
-        async with asyncio.timeout(TIMEOUT):
-            assert await suback == [1, 1]
-        yield endpoint
-    finally:
-        client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+    async with paho_device(
+        server, f"{user_id}:{device_id}", user_id, token, websocket=websocket, timeout=TIMEOUT
+    ) as paho:
+        assert await paho.connect() == 0
+        assert await paho.subscribe([f"chat/user/{user_id}", f"chat/device/{user_id}/{device_id}"]) == [1, 1]
+        yield PahoEndpoint(paho, user_id, device_id, server.services.event_keys.key_for(user_id))
 
 
 # ------------------------------------------------------------------ aiomqtt
 
 
 class AiomqttEndpoint(_Received):
-    def __init__(self, client: aiomqtt.Client, user_id: str, device_id: str, key: bytes) -> None:
-        super().__init__(key)
-        self.client = client
+    def __init__(self, user_id: str, device_id: str, key: bytes) -> None:
+        super().__init__(key, asyncio.Queue())
+        self.client: aiomqtt.Client | None = None
         self.user_id = user_id
         self.device_id = device_id
 
+    def received(self, message: aiomqtt.Message) -> None:
+        self.queue.put_nowait(topic_and_payload(message))
+
     async def send(self, to_user: str, content: str, client_msg_id: str) -> None:
+        assert self.client is not None
         async with asyncio.timeout(TIMEOUT):
             await self.client.publish(
                 f"chat/in/{self.user_id}/{self.device_id}", command(to_user, content, client_msg_id), qos=1
@@ -176,35 +141,16 @@ class AiomqttEndpoint(_Received):
 async def aiomqtt_endpoint(
     server: RunningServer, user_id: str, device_id: str, token: str
 ) -> AsyncIterator[AiomqttEndpoint]:
-    client = aiomqtt.Client(
-        "127.0.0.1",
-        server.mqtt_port,
-        identifier=f"{user_id}:{device_id}",
-        username=user_id,
-        password=token,
-        protocol=aiomqtt.ProtocolVersion.V311,
-        keepalive=30,
-        timeout=TIMEOUT,
-    )
-    async with client:
-        endpoint = AiomqttEndpoint(client, user_id, device_id, server.services.event_keys.key_for(user_id))
-
-        async def pump() -> None:
-            async for message in client.messages:
-                endpoint.queue.put_nowait((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
-
-        task = asyncio.create_task(pump())
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                granted = await client.subscribe(
-                    [(f"chat/user/{user_id}", 1), (f"chat/device/{user_id}/{device_id}", 1)]
-                )
-            assert [getattr(code, "value", code) for code in granted] == [1, 1]
-            yield endpoint
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    endpoint = AiomqttEndpoint(user_id, device_id, server.services.event_keys.key_for(user_id))
+    async with aiomqtt_client(
+        server.mqtt_port, user_id, device_id, token, endpoint.received,
+        protocol=aiomqtt.ProtocolVersion.V311, keepalive=30, timeout=TIMEOUT,
+    ) as client:  # fmt: skip
+        endpoint.client = client
+        async with asyncio.timeout(TIMEOUT):
+            granted = await client.subscribe([(f"chat/user/{user_id}", 1), (f"chat/device/{user_id}/{device_id}", 1)])
+        assert [getattr(code, "value", code) for code in granted] == [1, 1]
+        yield endpoint
 
 
 # ------------------------------------------------------------------ the exchange
@@ -317,10 +263,7 @@ def mosquitto_tools() -> dict[str, str]:
     found = {name: shutil.which(name) for name in MOSQUITTO_TOOLS}
     missing = [name for name, path in found.items() if path is None]
     if missing:
-        reason = f"{' and '.join(missing)} not installed (Debian package mosquitto-clients)"
-        if os.environ.get("MQCHAT_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason}; MQCHAT_REQUIRE_SERVICES=1 turns this skip into a failure")
-        pytest.skip(reason)
+        service_missing(f"{' and '.join(missing)} not installed (Debian package mosquitto-clients)")
     return {name: path for name, path in found.items() if path is not None}
 
 

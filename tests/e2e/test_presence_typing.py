@@ -21,7 +21,8 @@ from typing import Any
 import aiomqtt
 
 from mqchat.runner import RunningServer
-from tests.helpers import Device, connect_device, http_client, register
+from tests.support.accounts import http_client, register
+from tests.support.devices import Device, aiomqtt_client, connect_device, topic_and_payload
 
 GRANTED_QOS1 = 1
 SUBACK_FAILURE = 0x80
@@ -58,24 +59,14 @@ class Watcher:
 
 @contextlib.asynccontextmanager
 async def watcher(server: RunningServer, user_id: str, device_id: str, token: str) -> AsyncIterator[Watcher]:
-    client = aiomqtt.Client(
-        "127.0.0.1", server.mqtt_port, identifier=f"{user_id}:{device_id}", username=user_id, password=token
-    )
-    async with client:
-        watch = Watcher(client)
+    queue: asyncio.Queue[tuple[str, dict[str, Any], bool]] = asyncio.Queue()
 
-        async def pump() -> None:
-            async for message in client.messages:
-                payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
-                watch.received.put_nowait((str(message.topic), payload, bool(message.retain)))
+    def received(message: aiomqtt.Message) -> None:
+        topic, payload = topic_and_payload(message)
+        queue.put_nowait((topic, json.loads(payload), bool(message.retain)))
 
-        task = asyncio.create_task(pump())
-        try:
-            yield watch
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async with aiomqtt_client(server.mqtt_port, user_id, device_id, token, received) as client:
+        yield Watcher(client, queue)
 
 
 async def next_on(device: Device, topic: str, timeout: float = 5) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mqchat.runner import RunningServer
-from tests.helpers import connect_device, register
+from tests.support.accounts import register
+from tests.support.devices import connect_device
 
 
 async def test_alice_and_bob_chat(server: RunningServer) -> None:

@@ -12,6 +12,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from typing import Protocol
 
 from mqchat.core import mqtt
 from mqchat.core.mqtt import Connack, Connect, Publish, Subscribe, encode_length
@@ -136,3 +137,16 @@ async def raw_client(port: int, host: str = "127.0.0.1") -> AsyncIterator[RawCli
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
+
+
+class MqttListening(Protocol):
+    @property
+    def mqtt_port(self) -> int | None: ...
+
+
+async def connack(server: MqttListening, user_id: str, device_id: str, token: str) -> bytes:
+    """The CONNACK that a CONNECT as ``{user_id}:{device_id}`` with ``token`` gets."""
+    assert server.mqtt_port is not None
+    async with raw_client(server.mqtt_port) as raw:
+        await raw.send(connect(f"{user_id}:{device_id}", user_id, token))
+        return await raw.read_packet()

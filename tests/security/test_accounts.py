@@ -16,29 +16,15 @@ from mqchat.cli import main
 from mqchat.config import AuthSettings, Settings
 from mqchat.core.errors import UserExists
 from mqchat.runner import RunningServer, run_server
-from tests.helpers import PASSWORD, connect_device, http_client, register
-from tests.security.raw import CONNACK_ACCEPTED, connect, raw_client
+from tests.security.raw import CONNACK_ACCEPTED, connack, connect, raw_client
+from tests.support.accounts import PASSWORD, http_client, login, register
+from tests.support.devices import connect_device
 
 CONNACK_NOT_AUTHORIZED = b"\x20\x02\x00\x05"
 
 
 def with_auth(settings: Settings, **changes: object) -> Settings:
     return settings.model_copy(update={"auth": settings.auth.model_copy(update=changes)})
-
-
-async def login(server: RunningServer, user_id: str, password: str = PASSWORD, device_id: str | None = None) -> str:
-    body = {"user_id": user_id, "password": password} | ({"device_id": device_id} if device_id else {})
-    async with http_client(server) as http:
-        response = await http.post("/v1/token", json=body)
-        assert response.status_code == 200, response.text
-        return str(response.json()["access_token"])
-
-
-async def connack(server: RunningServer, user_id: str, device_id: str, token: str) -> bytes:
-    assert server.mqtt_port is not None
-    async with raw_client(server.mqtt_port) as raw:
-        await raw.send(connect(f"{user_id}:{device_id}", user_id, token))
-        return await raw.read_packet()
 
 
 async def refused_everywhere(server: RunningServer, user_id: str, token: str) -> None:

@@ -22,8 +22,9 @@ import jwt
 import pytest
 
 from mqchat.runner import RunningServer
-from tests.helpers import connect_device, http_client, register
 from tests.security.raw import CONNACK_ACCEPTED, connect, raw_client, subscribe
+from tests.support.accounts import http_client, register
+from tests.support.devices import connect_device
 
 SECRET = "SECRET-bob-to-carol"
 SUBACK_FAILURE = 0x80

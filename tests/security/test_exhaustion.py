@@ -20,8 +20,9 @@ from mqchat.config import Settings
 from mqchat.core import mqtt
 from mqchat.core.mqtt import Connack, Connect, Subscribe
 from mqchat.runner import RunningServer
-from tests.helpers import UNLIMITED, Device, connect_device, http_client, register
 from tests.security.raw import RawClient, raw_client
+from tests.support.accounts import UNLIMITED, http_client, register
+from tests.support.devices import Device, connect_device
 
 BUFFER_LIMIT = 256 * 1024
 

@@ -11,30 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
-import socket
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.helpers import PASSWORD
 from tests.security.raw import CONNACK_ACCEPTED, connect, raw_client
+from tests.support.processes import ServerProcess
 
 pytestmark = pytest.mark.slow
 
 LIMIT = 256
 FD_LINE = "new connections cannot be accepted until some close"
 AMQTT_PER_CONNECTION = "amqtt.broker: Failed to initialize client session: No data to decode"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def nofile(soft: int, hard: int) -> Callable[[], None]:
@@ -44,46 +34,23 @@ def nofile(soft: int, hard: int) -> Callable[[], None]:
     return limit
 
 
-class LimitedServer:
+class LimitedServer(ServerProcess):
+    """``mqchat serve`` on SQLite whose open-file limits are ``soft`` and ``hard``."""
+
     def __init__(
         self, tmp_path: Path, event_loop: str, soft: int = LIMIT, hard: int = LIMIT, env: dict[str, str] | None = None
     ) -> None:
-        self.log_path = tmp_path / "server.log"
-        self.data_dir = tmp_path / "data"
-        self.mqtt_port, self.ws_port, self.http_port = free_port(), free_port(), free_port()
-        self.limits = nofile(soft, hard)
+        data_dir = tmp_path / "data"
         # The MQTT flood must stay idle (not closed and logged by the CONNECT timeout) while it lasts.
-        self.env = {**os.environ, "MQCHAT_EVENT_LOOP": event_loop, "MQCHAT_LIMITS__CONNECT_TIMEOUT_SECONDS": "60"}
-        self.env.update(env or {})
-        self.proc: asyncio.subprocess.Process | None = None
+        env = {"MQCHAT_EVENT_LOOP": event_loop, "MQCHAT_LIMITS__CONNECT_TIMEOUT_SECONDS": "60", **(env or {})}
+        super().__init__(
+            data_dir,
+            f"sqlite+aiosqlite:///{data_dir / 'mqchat.db'}",
+            env,
+            log_path=tmp_path / "server.log",
+            preexec_fn=nofile(soft, hard),
+        )
         self.attempts = 0
-
-    async def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mqchat.cli", "serve", "--host", "127.0.0.1",
-                "--mqtt-port", str(self.mqtt_port), "--ws-port", str(self.ws_port),
-                "--http-port", str(self.http_port), "--data-dir", str(self.data_dir),
-                "--database-url", f"sqlite+aiosqlite:///{self.data_dir / 'mqchat.db'}",
-                env=self.env, stdout=log, stderr=log, preexec_fn=self.limits,
-            )  # fmt: skip
-        async with asyncio.timeout(30):
-            while not await self.healthy():
-                assert self.proc.returncode is None, self.log()
-                await asyncio.sleep(0.1)
-
-    async def healthy(self) -> bool:
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", timeout=3) as http:
-                return (await http.get("/healthz")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async def token(self, user_id: str) -> str:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30) as http:
-            assert (await http.post("/v1/users", json={"user_id": user_id, "password": PASSWORD})).status_code == 201
-            token = await http.post("/v1/token", json={"user_id": user_id, "password": PASSWORD})
-            return str(token.json()["access_token"])
 
     async def mqtt_connects(self, user_id: str, token: str) -> bool:
         self.attempts += 1  # a new device id each time: no takeover of a half-open earlier attempt
@@ -94,22 +61,10 @@ class LimitedServer:
         except (OSError, TimeoutError):
             return False
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def log_but_amqtt(self) -> str:
         """The log without amqtt's line for each connection that closes before CONNECT: one per
         flood connection (the broker's to bound, not the accept path's)."""
         return "".join(line for line in self.log().splitlines(keepends=True) if AMQTT_PER_CONNECTION not in line)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -165,7 +120,7 @@ async def test_out_of_descriptors_is_one_log_line_and_clients_get_in_once_the_fl
     tmp_path: Path, event_loop_name: str
 ) -> None:
     async with started(LimitedServer(tmp_path, event_loop_name)) as server:
-        token = await server.token("alice")
+        token = await server.register("alice")
         async with flood(server.mqtt_port, LIMIT + 150):  # MQTT: no cap there, so this exhausts the table
             await asyncio.sleep(4)
             during = server.log()
@@ -183,7 +138,7 @@ async def test_an_http_flood_leaves_descriptors_for_mqtt(tmp_path: Path, event_l
     """Each HTTP listener holds at most a quarter of the open-file limit (64 of 256 here)."""
     env = {"MQCHAT_HTTP__HEADER_TIMEOUT_SECONDS": "3"}
     async with started(LimitedServer(tmp_path, event_loop_name, env=env)) as server:
-        token = await server.token("alice")
+        token = await server.register("alice")
         async with flood(server.http_port, LIMIT + 150) as idle:
             assert len(idle) == LIMIT + 150
             await asyncio.sleep(1)

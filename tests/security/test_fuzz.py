@@ -26,8 +26,9 @@ import pytest
 
 from mqchat.config import Settings
 from mqchat.runner import RunningServer
-from tests.helpers import connect_device, http_client, register
 from tests.security.raw import connect, encode_length, field, packet, publish, subscribe
+from tests.support.accounts import http_client, register
+from tests.support.devices import connect_device
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -18,7 +18,7 @@ import pytest
 
 from mqchat.config import AuthSettings, HttpSettings, Settings
 from mqchat.runner import RunningServer
-from tests.helpers import http_client, register
+from tests.support.accounts import http_client, register
 
 FAST = {"header_timeout_seconds": 1.0, "keepalive_timeout_seconds": 1, "body_timeout_seconds": 1.0}
 """Short deadlines, so a test waits about a second for each."""

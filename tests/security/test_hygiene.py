@@ -9,7 +9,8 @@ import pytest
 
 from mqchat.config import Settings
 from mqchat.runner import RunningServer
-from tests.helpers import PASSWORD, connect_device, http_client, register
+from tests.support.accounts import PASSWORD, http_client, register
+from tests.support.devices import connect_device
 
 CONTENT = "the-plaintext-of-a-private-message"
 

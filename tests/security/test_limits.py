@@ -19,7 +19,6 @@ from mqchat.config import LimitsSettings, Settings
 from mqchat.core.errors import InvalidCommand, RateLimited
 from mqchat.core.protocol import decode_event, encode_event, error_event
 from mqchat.runner import RunningServer
-from tests.helpers import connect_device, http_client, register
 from tests.security.raw import (
     CONNACK_ACCEPTED,
     CONNACK_BAD_VERSION,
@@ -30,6 +29,9 @@ from tests.security.raw import (
     raw_client,
     subscribe,
 )
+from tests.support.accounts import http_client, register
+from tests.support.devices import connect_device
+from tests.support.services import service_missing
 
 LIMITS = LimitsSettings(
     max_packet_bytes=4096,
@@ -181,11 +183,12 @@ async def test_a_first_packet_that_is_not_connect_or_never_comes_is_closed(serve
 
 
 @pytest.mark.interop
-@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto_pub is not installed")
 @pytest.mark.parametrize(("version", "says"), [("mqttv5", "Unsupported Protocol Version"), ("mqttv31", "unacceptable")])
 async def test_mosquitto_clients_of_other_versions_are_told_promptly(
     server: RunningServer, version: str, says: str
 ) -> None:
+    if shutil.which("mosquitto_pub") is None:
+        service_missing("mosquitto_pub is not installed (Debian package mosquitto-clients)")
     command = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(mqtt_port(server)), "-V", version]
     command += ["-i", "alice:phone", "-u", "alice", "-P", "x", "-t", "chat/in/alice/phone", "-m", "{}"]
     done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=10)

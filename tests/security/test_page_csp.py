@@ -1,33 +1,25 @@
 """The browser page works under its Content-Security-Policy, and the policy is enforced.
 
-Headless Chromium through Playwright, as in ``tests/clients/test_browser.py`` (same skip
-rules: without Playwright or ``/usr/bin/chromium`` the test skips, unless
-``MQCHAT_REQUIRE_SERVICES=1``).
+Headless Chromium through Playwright, with the ``browser`` fixture of ``tests/support/browser.py``
+(without Playwright or Chromium the test skips, unless ``MQCHAT_REQUIRE_SERVICES=1``).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mqchat.runner import RunningServer
-from tests.conftest import _service_missing
-from tests.helpers import PASSWORD, http_client, register
+from tests.support.accounts import PASSWORD, http_client, register
 
-try:
-    from playwright.async_api import Browser, async_playwright, expect
-except ImportError:
-    HAVE_PLAYWRIGHT = False
-else:
-    HAVE_PLAYWRIGHT = True
+with contextlib.suppress(ImportError):  # the ``browser`` fixture skips (or fails) the test
+    from playwright.async_api import Browser, expect
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path(os.environ.get("MQCHAT_TEST_CHROMIUM", "/usr/bin/chromium"))
 WAIT_MS = 20_000
 
 RECORD_VIOLATIONS = """
@@ -41,27 +33,6 @@ document.addEventListener("securitypolicyviolation", (event) => {
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'mqchat.db'}"
-
-
-@pytest.fixture
-def chromium_path() -> Path:
-    if not HAVE_PLAYWRIGHT:
-        _service_missing("the playwright package is not installed (pip install -e '.[test]')")
-    if not CHROMIUM.exists():
-        _service_missing(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
-    return CHROMIUM
-
-
-@pytest.fixture
-async def browser(chromium_path: Path) -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(
-            executable_path=str(chromium_path), args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 async def test_the_page_logs_in_and_chats_under_its_policy_and_inline_script_is_refused(

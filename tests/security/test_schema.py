@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 
 from mqchat.runner import RunningServer
-from tests.helpers import http_client, register
+from tests.support.accounts import http_client, register
 
 EXAMPLES = 12
 

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from mqchat.config import Settings, TlsSettings
 from mqchat.runner import RunningServer, run_server
-from tests.helpers import PASSWORD
+from tests.support.accounts import sign_up
 
 
 def _name(common: str) -> x509.Name:
@@ -90,9 +90,7 @@ async def test_chat_over_mqtts_wss_and_https_only(tls_server: RunningServer, ca_
     async with httpx.AsyncClient(base_url=f"https://localhost:{server.https_port}", verify=context) as http:
         tokens = {}
         for user in ("alice", "bob"):
-            assert (await http.post("/v1/users", json={"user_id": user, "password": PASSWORD})).status_code == 201
-            login = await http.post("/v1/token", json={"user_id": user, "password": PASSWORD})
-            tokens[user] = login.json()["access_token"]
+            tokens[user] = await sign_up(http, user)
     alice = aiomqtt.Client(
         "127.0.0.1", server.mqtts_port or 0, identifier="alice:phone", username="alice",
         password=tokens["alice"], tls_context=context,

@@ -6,8 +6,9 @@ import pytest
 
 from mqchat.config import AuthSettings, Settings
 from mqchat.runner import RunningServer
-from tests.helpers import PASSWORD, connect_device, http_client, register
-from tests.security.raw import CONNACK_ACCEPTED, connect, raw_client
+from tests.security.raw import CONNACK_ACCEPTED, connack, connect, raw_client
+from tests.support.accounts import PASSWORD, http_client, login, register
+from tests.support.devices import connect_device
 
 CONNACK_NOT_AUTHORIZED = b"\x20\x02\x00\x05"
 
@@ -18,25 +19,9 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"auth": auth})
 
 
-async def login(server: RunningServer, user_id: str, device_id: str | None = None, password: str = PASSWORD) -> str:
-    body = {"user_id": user_id, "password": password} | ({"device_id": device_id} if device_id else {})
-    async with http_client(server) as http:
-        response = await http.post("/v1/token", json=body)
-        assert response.status_code == 200, response.text
-        assert response.json()["device_id"] == device_id
-        return str(response.json()["access_token"])
-
-
-async def connack(server: RunningServer, user_id: str, device_id: str, token: str) -> bytes:
-    assert server.mqtt_port is not None
-    async with raw_client(server.mqtt_port) as raw:
-        await raw.send(connect(f"{user_id}:{device_id}", user_id, token))
-        return await raw.read_packet()
-
-
 async def test_a_device_token_works_only_for_its_device(server: RunningServer) -> None:
     any_device = await register(server, "alice")
-    phone = await login(server, "alice", "phone")
+    phone = await login(server, "alice", device_id="phone")
     assert await connack(server, "alice", "phone", phone) == CONNACK_ACCEPTED
     assert await connack(server, "alice", "laptop", phone) == CONNACK_NOT_AUTHORIZED
     assert await connack(server, "alice", "laptop", any_device) == CONNACK_ACCEPTED
@@ -49,7 +34,7 @@ async def test_a_device_token_works_only_for_its_device(server: RunningServer) -
 
 async def test_refresh_keeps_the_scope(server: RunningServer) -> None:
     await register(server, "alice")
-    phone = await login(server, "alice", "phone")
+    phone = await login(server, "alice", device_id="phone")
     async with http_client(server, phone) as http:
         response = await http.post("/v1/token/refresh")
         assert response.status_code == 200, response.text
@@ -66,7 +51,7 @@ async def test_refresh_keeps_the_scope(server: RunningServer) -> None:
 async def test_revoking_a_device_closes_it_and_refuses_its_earlier_tokens(server: RunningServer) -> None:
     unscoped = await register(server, "alice")
     bob = await register(server, "bob")
-    phone = await login(server, "alice", "phone")
+    phone = await login(server, "alice", device_id="phone")
     assert server.mqtt_port is not None
     async with (
         raw_client(server.mqtt_port) as live_phone,
@@ -94,7 +79,7 @@ async def test_revoking_a_device_closes_it_and_refuses_its_earlier_tokens(server
         async with http_client(server, unscoped) as http:
             assert (await http.get("/v1/sync")).status_code == 200
     # Logging in again gives the phone a working token.
-    again = await login(server, "alice", "phone")
+    again = await login(server, "alice", device_id="phone")
     assert await connack(server, "alice", "phone", again) == CONNACK_ACCEPTED
 
 

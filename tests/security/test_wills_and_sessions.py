@@ -14,8 +14,9 @@ from mqchat.config import Settings
 from mqchat.core import mqtt
 from mqchat.core.mqtt import Connack, Connect, Publish, Pubrec, Pubrel, Suback, Subscribe, Will
 from mqchat.runner import RunningServer
-from tests.helpers import UNLIMITED, connect_device, http_client, register
 from tests.security.raw import RawClient, field, packet, raw_client
+from tests.support.accounts import UNLIMITED, http_client, register
+from tests.support.devices import connect_device
 
 NOT_AUTHORIZED = Connack(False, mqtt.NOT_AUTHORIZED)
 

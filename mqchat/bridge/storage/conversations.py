@@ -9,6 +9,7 @@ from mqchat.bridge.storage.groups import groups_of
 from mqchat.bridge.storage.streams import NEW_MESSAGE, row_to_message
 from mqchat.bridge.store import ConversationSummary, StoredMessage
 from mqchat.bridge.tables import conversation_marks, messages, stream_events
+from mqchat.core.ids import ConversationId
 
 
 def _unread(conn: Connection, user_id: str) -> dict[str, int]:
@@ -53,29 +54,25 @@ class ConversationsStore(StoreBase):
             rows = conn.execute(select(messages).where(messages.c.id.in_(list(last_ids.values()))))
             by_id = {row.id: row_to_message(row) for row in rows}
             unread = _unread(conn, user_id)
-            names = {g.group_id: g.name for g in groups_of(conn, user_id)}
+            names = {str(ConversationId.group(g.group_id)): g.name for g in groups_of(conn, user_id)}
             summaries = [
-                ConversationSummary(cid, by_id[mid], unread.get(cid, 0), names.get(cid.removeprefix("group:")))
+                ConversationSummary(cid, by_id[mid], unread.get(cid, 0), names.get(cid))
                 for cid, mid in last_ids.items()
             ]
-            quiet = [
-                ConversationSummary(f"group:{gid}", None, 0, name)
-                for gid, name in names.items()
-                if f"group:{gid}" not in last_ids
-            ]
+            quiet = [ConversationSummary(cid, None, 0, name) for cid, name in names.items() if cid not in last_ids]
             return (summaries + sorted(quiet, key=lambda s: s.conversation_id))[:limit]
 
         return await self.db.run("conversations", txn)
 
     async def history(
-        self, user_id: str, conversation_id: str, before_id: int | None, limit: int
+        self, user_id: str, conversation: ConversationId, before_id: int | None, limit: int
     ) -> list[StoredMessage]:
         query = (
             select(messages)
             .select_from(stream_events.join(messages, messages.c.id == stream_events.c.message_id))
             .where(
                 stream_events.c.user_id == user_id,
-                stream_events.c.conversation_id == conversation_id,
+                stream_events.c.conversation_id == str(conversation),
                 stream_events.c.kind == NEW_MESSAGE,
             )
         )

@@ -18,6 +18,7 @@ from mqchat.bridge.storage.streams import Streams, lock_covering, utc
 from mqchat.bridge.store import Emitted, GroupInfo
 from mqchat.bridge.tables import group_members, groups, stream_events
 from mqchat.core.errors import GroupFull, NotAllowed, NotAMember, UnknownGroup, UnknownUser
+from mqchat.core.ids import ConversationId
 from mqchat.core.protocol import GroupAction, GroupUpdated
 
 
@@ -52,7 +53,7 @@ def groups_of(conn: Connection, user_id: str) -> list[GroupInfo]:
 
 def _group_event(streams: Streams, to: str, group_id: str, action: GroupAction, user_id: str, by: str) -> None:
     event = GroupUpdated(seq=0, group_id=group_id, action=action, user_id=user_id, by=by)
-    streams.emit(to, event, f"group:{group_id}")
+    streams.emit(to, event, str(ConversationId.group(group_id)))
 
 
 def _check_add(info: GroupInfo, by: str, user_id: str, limit: int) -> bool:
@@ -157,9 +158,10 @@ class GroupsStore(StoreBase):
         """Whether the two share a conversation or an active group membership."""
         if user_id == other:
             return True
+        conversation = str(ConversationId.user(other))
         direct = (
             select(stream_events.c.seq)
-            .where(stream_events.c.user_id == user_id, stream_events.c.conversation_id == f"user:{other}")
+            .where(stream_events.c.user_id == user_id, stream_events.c.conversation_id == conversation)
             .limit(1)
         )
         mine = select(group_members.c.group_id).where(

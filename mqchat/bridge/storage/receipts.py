@@ -19,6 +19,7 @@ from mqchat.bridge.storage.streams import NEW_MESSAGE, latest, lock_covering, ut
 from mqchat.bridge.store import Emitted, Receipt
 from mqchat.bridge.tables import conversation_marks, device_cursors, messages, stream_events
 from mqchat.core.errors import NotFound
+from mqchat.core.ids import ConversationId
 from mqchat.core.protocol import MessageDelivered, MessageRead, ReadMarker, format_time
 
 _CURSOR = select(device_cursors.c.acked_seq).where(
@@ -40,7 +41,7 @@ def participants(conn: Connection, message_id: int) -> dict[str, str]:
 
 def _sender_view(conversation_id: str, reader: str) -> str:
     """The reader's conversation as the sender sees it."""
-    return conversation_id if conversation_id.startswith("group:") else f"user:{reader}"
+    return str(ConversationId.parse(conversation_id).for_peer(reader))
 
 
 def _newly_delivered(conn: Connection, user_id: str, upto: int) -> list[tuple[str, str, int]]:

@@ -114,7 +114,7 @@ class Streams:
                 "seq": seq,
                 "kind": NEW_MESSAGE,
                 "message_id": message.id,
-                "conversation_id": message.conversation_for(user_id),
+                "conversation_id": str(message.conversation_for(user_id)),
                 "payload": None,
             }
         )

@@ -1,46 +1,66 @@
-"""Test helpers: accounts over real HTTP, and a device that is a real MQTT client (aiomqtt)."""
+"""A device that is a real MQTT client (aiomqtt), and the check that its events are the server's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiomqtt
-import httpx
 
 from mqchat.core.origin import verify
 from mqchat.runner import RunningServer
 
-PASSWORD = "correct-horse-1"
 
-UNLIMITED = {
-    "send_rate_per_second": 100_000,
-    "send_burst": 100_000,
-    "user_send_rate_per_second": 100_000,
-    "user_send_burst": 100_000,
-    "command_rate_per_second": 100_000,
-    "command_burst": 100_000,
-    "max_new_devices_per_hour": 100_000,
-}
-"""Limits for tests that send in bursts on purpose: the rate limits are not what they test."""
+@contextlib.asynccontextmanager
+async def aiomqtt_client(
+    port: int | None,
+    user_id: str,
+    device_id: str,
+    token: str,
+    on_message: Callable[[aiomqtt.Message], None],
+    *,
+    server_may_close: bool = False,
+    **options: Any,
+) -> AsyncIterator[aiomqtt.Client]:
+    """An aiomqtt client connected as ``{user_id}:{device_id}``; every message it receives
+    goes to ``on_message`` (from a task that runs while the client is in use).
+
+    ``server_may_close``: a connection the server closed ends the message loop with
+    ``MqttError``; without this flag that error fails the test when the client is left."""
+    assert port is not None, "the server has no plain MQTT listener"
+    client = aiomqtt.Client(
+        "127.0.0.1", port, identifier=f"{user_id}:{device_id}", username=user_id, password=token, **options
+    )
+    async with client:
+
+        async def pump() -> None:
+            async for message in client.messages:
+                on_message(message)
+
+        task = asyncio.create_task(pump())
+        try:
+            yield client
+        finally:
+            task.cancel()
+            ignored = (asyncio.CancelledError, aiomqtt.MqttError) if server_may_close else (asyncio.CancelledError,)
+            with contextlib.suppress(*ignored):
+                await task
 
 
-def http_client(server: RunningServer, token: str | None = None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", headers=headers, timeout=30)
+def topic_and_payload(message: aiomqtt.Message) -> tuple[str, bytes]:
+    return str(message.topic), bytes(message.payload)
 
 
-async def register(server: RunningServer, user_id: str, password: str = PASSWORD) -> str:
-    """Create the user and return an access token."""
-    async with http_client(server) as http:
-        created = await http.post("/v1/users", json={"user_id": user_id, "password": password})
-        assert created.status_code == 201, created.text
-        token = await http.post("/v1/token", json={"user_id": user_id, "password": password})
-        assert token.status_code == 200, token.text
-        return str(token.json()["access_token"])
+def checked_origin(key: bytes, topic: str, payload: bytes) -> bytes:
+    """The payload without its ``sig``; every event on a stream or device topic must carry the server's."""
+    if not topic.startswith(("chat/user/", "chat/device/")):
+        return payload
+    body = verify(key, payload)
+    assert body is not None, f"an event on {topic} without a valid server signature: {payload[:200]!r}"
+    return body
 
 
 class Device:
@@ -98,44 +118,22 @@ class Device:
         return out
 
 
-def checked_origin(key: bytes, topic: str, payload: bytes) -> bytes:
-    """The payload without its ``sig``; every event on a stream or device topic must carry the server's."""
-    if not topic.startswith(("chat/user/", "chat/device/")):
-        return payload
-    body = verify(key, payload)
-    assert body is not None, f"an event on {topic} without a valid server signature: {payload[:200]!r}"
-    return body
-
-
 @contextlib.asynccontextmanager
 async def connect_device(
     server: RunningServer, user_id: str, device_id: str, token: str, *, subscribe: bool = True
 ) -> AsyncIterator[Device]:
-    client = aiomqtt.Client(
-        "127.0.0.1",
-        server.mqtt_port,
-        identifier=f"{user_id}:{device_id}",
-        username=user_id,
-        password=token,
-        keepalive=30,
-    )
-    async with client:
+    key = server.services.event_keys.key_for(user_id)
+    device: Device | None = None
+
+    def received(message: aiomqtt.Message) -> None:
+        assert device is not None
+        topic, payload = topic_and_payload(message)
+        device.received.put_nowait((topic, json.loads(checked_origin(key, topic, payload))))
+
+    async with aiomqtt_client(
+        server.mqtt_port, user_id, device_id, token, received, server_may_close=True, keepalive=30
+    ) as client:
         device = Device(client, user_id, device_id)
-
-        key = server.services.event_keys.key_for(user_id)
-
-        async def pump() -> None:
-            async for message in client.messages:
-                topic, payload = str(message.topic), bytes(message.payload)  # type: ignore[arg-type]
-                device.received.put_nowait((topic, json.loads(checked_origin(key, topic, payload))))
-
-        task = asyncio.create_task(pump())
-        try:
-            if subscribe:
-                await client.subscribe([(f"chat/user/{user_id}", 1), (f"chat/device/{user_id}/{device_id}", 1)])
-            yield device
-        finally:
-            task.cancel()
-            # A connection the server closed ends the iteration with MqttError.
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await task
+        if subscribe:
+            await client.subscribe([(f"chat/user/{user_id}", 1), (f"chat/device/{user_id}/{device_id}", 1)])
+        yield device
