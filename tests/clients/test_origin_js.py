@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mqchat.api
 from mqchat.core.origin import event_key, sign, verify
-from tests.conftest import _service_missing
+from tests.support.services import service_missing as _service_missing
 
 ORIGIN_JS = Path(mqchat.api.__file__).parent / "static" / "origin.js"
 
