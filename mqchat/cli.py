@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-port", type=int, help="MQTT over WebSocket (default 8083)")
     serve.add_argument("--http-port", type=int, help="HTTP API (default 8080)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (default INFO)")
+    serve.add_argument("--redis-url", help="cluster mode: e.g. redis://127.0.0.1:6379/0 (default: a single node)")
+    serve.add_argument("--node-id", help="this node's name in the cluster (default: host name and process id)")
 
     user = commands.add_parser("user", help="manage accounts")
     user_commands = user.add_subparsers(dest="user_command", required=True)
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     """Flags win over the environment and the config file, key by key, and are validated alike."""
     overrides: dict[str, Any] = {}
-    for key in ("data_dir", "database_url", "log_level"):
+    for key in ("data_dir", "database_url", "log_level", "redis_url", "node_id"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     mqtt: dict[str, Any] = {}

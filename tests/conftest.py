@@ -8,18 +8,16 @@ skip, unless ``MQCHAT_REQUIRE_SERVICES=1`` (set by .ci/run), where they fail.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 from mqchat.config import Settings
 from mqchat.runner import RunningServer, run_server
-from tests.support.services import service_missing
+from tests.support import postgres
 
 pytest_plugins = ["tests.support.browser"]
 
@@ -31,31 +29,7 @@ hypothesis_settings.load_profile("mqchat")
 # the per-address registration limit (10 an hour by default) is tested on its own.
 os.environ.setdefault("MQCHAT_AUTH__REGISTRATIONS_PER_IP_PER_HOUR", "1000000")
 
-PG_URL = os.environ.get("MQCHAT_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
-
-
-async def _fresh_pg_database() -> tuple[str, str]:
-    """Create an empty database; return its SQLAlchemy URL and its name."""
-    admin_dsn = PG_URL.replace("postgresql+asyncpg://", "postgresql://")
-    name = f"mqchat_test_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = await asyncpg.connect(admin_dsn, timeout=5)
-    except (OSError, asyncpg.PostgresError) as exc:
-        service_missing(f"PostgreSQL at {PG_URL} is unreachable: {exc}")
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    base, _, _ = PG_URL.rpartition("/")
-    return f"{base}/{name}", name
-
-
-async def _drop_pg_database(name: str) -> None:
-    conn = await asyncpg.connect(PG_URL.replace("postgresql+asyncpg://", "postgresql://"), timeout=5)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+PG_URL = postgres.PG_URL
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -63,11 +37,11 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'mqchat.db'}"
         return
-    url, name = await _fresh_pg_database()
+    url, name = await postgres.fresh_database()
     try:
         yield url
     finally:
-        await _drop_pg_database(name)
+        await postgres.drop_database(name)
 
 
 @pytest.fixture

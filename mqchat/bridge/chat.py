@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 from collections.abc import Coroutine, Sequence
@@ -363,8 +362,7 @@ class ChatService:
         for pending, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, ChatError):
                 # One error object may stand for a whole failed batch: each sender gets its own ref.
-                error = copy.copy(outcome)
-                error.ref = outcome.ref or pending.request.client_msg_id
+                error = outcome.for_ref(outcome.ref or pending.request.client_msg_id)
                 self._fail(pending, error)
                 continue
             ack = _ack_for(outcome)

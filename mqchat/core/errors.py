@@ -53,6 +53,13 @@ class ChatError(Exception):
         # `ref` echoes the client_msg_id of the command that failed, when known.
         self.ref = ref
 
+    def for_ref(self, ref: str | None) -> ChatError:
+        """The same error for another command (one failed batch answers each sender with its own ref)."""
+        clone = type(self).__new__(type(self), *self.args)
+        clone.__dict__.update(self.__dict__)
+        clone.ref = ref
+        return clone
+
 
 class InvalidCommand(ChatError):
     code = "invalid_command"

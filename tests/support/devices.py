@@ -90,7 +90,7 @@ class Device:
         async with asyncio.timeout(timeout):
             while True:
                 _, event = await self.received.get()
-                if kind is None or event["type"] == kind:
+                if kind is None or event.get("type") == kind:
                     return event
 
     async def collect(self, kind: str, count: int, timeout: float = 20) -> list[dict[str, Any]]:
