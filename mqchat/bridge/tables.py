@@ -96,6 +96,9 @@ class StreamEventRow(SQLModel, table=True):
     conversation_id: str | None = Field(default=None, sa_column=Column(String(72), nullable=True))
     message_id: int | None = Field(default=None, sa_column=Column(_BigId, ForeignKey("messages.id"), nullable=True))
     payload: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # When the entry was appended (ms since the epoch): retention deletes a stream's oldest
+    # entries by it. Entries from before migration 0003 carry the time of that upgrade.
+    created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
 class DeviceCursor(SQLModel, table=True):

@@ -23,7 +23,8 @@
     │   └── GroupFull              group_full
     ├── RateLimited                rate_limited      (carries retry_after, seconds)
     ├── ServerBusy                 server_busy
-    └── StorageUnavailable         storage_unavailable
+    ├── StorageUnavailable         storage_unavailable
+    └── CursorExpired              cursor_expired    (carries oldest_seq, latest_seq)
 
 Every error has a stable ``code`` string (part of the protocol contract, see
 docs/protocol.md) and an HTTP ``status``. Adapters translate driver exceptions
@@ -158,6 +159,29 @@ class StorageUnavailable(ChatError):
     status = 503
 
 
+class CursorExpired(ChatError):
+    """Events after the seq a device asked from were deleted by retention (``retention.days``).
+
+    The device must reset: everything from ``oldest_seq`` (the oldest seq still kept) to
+    ``latest_seq`` can be read, nothing before it. The two are None only when rebuilt by a
+    client from a bare code."""
+
+    code = "cursor_expired"
+    status = 410
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        oldest_seq: int | None = None,
+        latest_seq: int | None = None,
+        ref: str | None = None,
+    ) -> None:
+        super().__init__(message, ref=ref)
+        self.oldest_seq = oldest_seq
+        self.latest_seq = latest_seq
+
+
 ALL_ERRORS: tuple[type[ChatError], ...] = (
     ChatError,
     InvalidCommand,
@@ -181,4 +205,5 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     RateLimited,
     ServerBusy,
     StorageUnavailable,
+    CursorExpired,
 )

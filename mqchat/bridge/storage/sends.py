@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, func, select
 
 from mqchat.bridge.storage.base import StoreBase
 from mqchat.bridge.storage.dialect import Dialect
@@ -22,7 +22,15 @@ from mqchat.bridge.storage.receipts import cursor
 from mqchat.bridge.storage.streams import Streams, latest, lock_covering, render, row_to_message
 from mqchat.bridge.store import SendOutcome, SendRequest, StoredMessage, StreamPage
 from mqchat.bridge.tables import messages, stream_events
-from mqchat.core.errors import ChatError, InvalidCommand, NotAMember, UnknownGroup, UnknownRecipient, UnknownUser
+from mqchat.core.errors import (
+    ChatError,
+    CursorExpired,
+    InvalidCommand,
+    NotAMember,
+    UnknownGroup,
+    UnknownRecipient,
+    UnknownUser,
+)
 
 _STREAM_PAGE = (
     select(stream_events.c.seq, stream_events.c.kind, stream_events.c.payload, messages)
@@ -37,12 +45,33 @@ _STREAM_PAGE = (
 )
 
 
+_OLDEST_SEQ = select(func.min(stream_events.c.seq)).where(stream_events.c.user_id == bindparam("uid"))
+
+
 def page(conn: Connection, user_id: str, since_seq: int, limit: int) -> StreamPage:
     """Up to ``limit`` entries after ``since_seq``. The head is read first and nothing past
-    it is served: every entry up to a head was committed with it, so a page has no holes."""
+    it is served: every entry up to a head was committed with it, so a page has no holes.
+
+    Retention deletes a stream's oldest entries (retention.py), never others: a page that
+    does not start right after ``since_seq`` although the head is past it asks for deleted
+    entries, and gets ``CursorExpired`` instead of a silent gap. (Checked on what was read,
+    so it costs nothing, and holds even if the pruner ran between the two statements.)"""
     head = latest(conn, user_id)
     rows = list(conn.execute(_STREAM_PAGE, {"uid": user_id, "since": since_seq, "latest": head, "limit": limit + 1}))
+    if head > since_seq and (not rows or rows[0].seq != since_seq + 1):
+        raise expired(conn, user_id, since_seq, head)
     return StreamPage(events=[render(row) for row in rows[:limit]], latest_seq=head, has_more=len(rows) > limit)
+
+
+def expired(conn: Connection, user_id: str, since_seq: int, head: int) -> CursorExpired:
+    oldest = conn.execute(_OLDEST_SEQ, {"uid": user_id}).scalar_one_or_none()
+    oldest = head + 1 if oldest is None else int(oldest)
+    return CursorExpired(
+        f"the events after seq {since_seq} up to {oldest - 1} were deleted (retention): "
+        f"reset, then read from since_seq {oldest - 1}",
+        oldest_seq=oldest,
+        latest_seq=head,
+    )
 
 
 class SendsStore(StoreBase):

@@ -16,6 +16,7 @@ now needs is not locked: locks are still taken in one sorted pass, so no deadloc
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -92,6 +93,8 @@ class Streams:
         self.heads = heads
         self._start = dict(heads)
         self._rows: list[dict[str, Any]] = []
+        # One time for the whole transaction: what retention reads to tell old entries.
+        self._now_ms = time.time_ns() // 1_000_000
         self.emitted: list[tuple[str, AnyStreamEvent]] = []
         self._rendered: tuple[StoredMessage, NewMessage] | None = None
 
@@ -116,6 +119,7 @@ class Streams:
                 "message_id": message.id,
                 "conversation_id": message.conversation_for(user_id),
                 "payload": None,
+                "created_ms": self._now_ms,
             }
         )
         # Rendered once per message, copied per stream: a group message lands in up to
@@ -138,6 +142,7 @@ class Streams:
                 "message_id": None,
                 "conversation_id": conversation_id,
                 "payload": payload,
+                "created_ms": self._now_ms,
             }
         )
         self.emitted.append((user_id, event))
