@@ -184,6 +184,20 @@ class DatabaseSettings(_Section):
     a cluster's database once, on purpose, before starting new nodes."""
 
 
+class RetentionSettings(_Section):
+    """How long history is kept; docs/operations.md, "Retention"."""
+
+    days: float | None = Field(default=None, gt=0)
+    """Stream entries (and then messages) older than this are deleted. None: history is kept forever."""
+    offline_days: float = Field(default=7, gt=0)
+    """An entry that some device of its user has not acked yet (past that device's cursor) is
+    kept at least this long, even when ``days`` is shorter; pending push events are dropped after it."""
+    interval_seconds: float = Field(default=3600, gt=0)
+    """How often the pruner looks for old entries (the first pass runs at start-up)."""
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    """Rows deleted per transaction: small, so that sends never wait long behind the pruner."""
+
+
 class BridgeSettings(_Section):
     queue_size: int = Field(default=10_000, ge=1)
     """Commands waiting to be stored; beyond it a send gets ``server_busy`` (retry)."""
@@ -216,6 +230,7 @@ class Settings(BaseSettings):
     bridge: BridgeSettings = BridgeSettings()
     limits: LimitsSettings = LimitsSettings()
     tls: TlsSettings = TlsSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def settings_customise_sources(

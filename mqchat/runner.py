@@ -249,6 +249,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             await host.start()
             services.chat.attach_publisher(broker)
             services.chat.attach_sessions(broker)
+            await services.ops.start()
             try:
                 # The browser page learns the bound ports (they differ from the settings with port 0).
                 client_config = ClientConfig(ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss"))
@@ -259,6 +260,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                         )
                     yield _running(services, broker, http_socks)
             finally:
+                await services.ops.stop()
                 services.chat.attach_publisher(None)
                 services.chat.attach_sessions(None)
                 await broker.close()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.chat import ChatService
+from mqchat.bridge.operations import Operations
+from mqchat.bridge.retention import RetentionPruner
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
@@ -24,6 +26,8 @@ class Services:
     accounts: Accounts
     chat: ChatService
     event_keys: EventKeys
+    ops: Operations
+    """Retention, push hooks, administration (background tasks started by ``run_server``)."""
 
     @property
     def tokens(self) -> TokenIssuer:
@@ -50,10 +54,12 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             limits=limits,
             event_keys=event_keys,
         )
+        ops = Operations(RetentionPruner(sql, settings.retention))
         await chat.start()
         try:
-            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys)
+            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys, ops)
         finally:
+            await ops.stop()
             await chat.stop()
     finally:
         await store.close()

@@ -108,6 +108,15 @@ class Receipt:
     read_at: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class PruneTarget:
+    """Retention: entries ``oldest .. upto`` of ``user_id``'s stream are to go."""
+
+    user_id: str
+    oldest: int
+    upto: int
+
+
 class AccountStore(Protocol):
     """Users, password hashes and token revocations."""
 

@@ -1,0 +1,23 @@
+"""What runs beside the chat service for operators: the retention pruner (and, below, more).
+
+Created by the composition root with everything else; its background tasks run only in
+``mqchat serve`` (``run_server`` starts and stops them), never in one-shot commands such as
+``mqchat user add``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mqchat.bridge.retention import RetentionPruner
+
+
+@dataclass(frozen=True)
+class Operations:
+    retention: RetentionPruner
+
+    async def start(self) -> None:
+        self.retention.start()
+
+    async def stop(self) -> None:
+        await self.retention.stop()
