@@ -109,12 +109,52 @@ class Receipt:
 
 
 @dataclass(frozen=True, slots=True)
+class UserRecord:
+    """An account as administrators see it."""
+
+    user_id: str
+    role: str
+    created_at: datetime
+    last_seq: int
+    disabled_at_ms: int | None
+    deleted_at_ms: int | None
+
+    @property
+    def status(self) -> str:
+        if self.deleted_at_ms is not None:
+            return "deleted"
+        return "disabled" if self.disabled_at_ms is not None else "active"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSummary:
+    group_id: str
+    name: str
+    owner: str
+    members: int
+    """Active members, owner included."""
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class PruneTarget:
     """Retention: entries ``oldest .. upto`` of ``user_id``'s stream are to go."""
 
     user_id: str
     oldest: int
     upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStanding:
+    """The account behind a token, as the database says now."""
+
+    refused_upto: int | None
+    """Tokens issued at or before this time (ms) are refused: the later of the user's last "log
+    out everywhere" (password change, disabling) and, for a device, its last revocation."""
+    role: str
+    """``user`` or ``admin``."""
+    disabled: bool
 
 
 class AccountStore(Protocol):
@@ -131,10 +171,9 @@ class AccountStore(Protocol):
     async def device_revoked_at(self, user_id: str, device_id: str) -> int | None:
         """When the device was last revoked (ms since the epoch), or None."""
 
-    async def tokens_refused_upto(self, user_id: str, device_id: str | None) -> int | None:
-        """Tokens issued at or before this time (ms) are refused: the later of the user's last
-        "log out everywhere" (or password change) and, for a device, its last revocation.
-        None when neither happened. One query: it runs at every CONNECT and HTTP request."""
+    async def token_standing(self, user_id: str, device_id: str | None) -> TokenStanding | None:
+        """What a token of this user (for this device) is worth: None for no such user (or a
+        deleted one). One query: it runs at every CONNECT and HTTP request."""
 
     async def revoke_all_tokens(self, user_id: str, at_ms: int) -> None:
         """Refuse, from now on, every token of the user issued at or before ``at_ms``."""

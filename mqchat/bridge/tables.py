@@ -37,6 +37,15 @@ class User(SQLModel, table=True):
     tokens_valid_after_ms: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
     )
+    # "user" or "admin" (the administration API and commands; docs/operations.md, "Admin").
+    role: str = Field(
+        default="user", sa_column=Column(String(16), nullable=False, default="user", server_default="user")
+    )
+    # Set while an administrator has the account disabled (ms since the epoch): no login, no token.
+    disabled_at_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # Set once the account is deleted. The row stays, without a password, so that the id (a
+    # topic level, named in other users' conversations) is never given to someone else.
+    deleted_at_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class Group(SQLModel, table=True):
@@ -143,6 +152,8 @@ users = User.__table__  # type: ignore[attr-defined]
 # Ids are case-sensitive (they are topic levels), but two that differ only in case would be
 # one person to a reader: the database refuses the second (ASCII ids, so lower() suffices).
 Index("uq_users_user_id_lower", func.lower(users.c.user_id), unique=True)
+# Every node looks for accounts disabled since its last look, to close their connections.
+Index("ix_users_disabled_at_ms", users.c.disabled_at_ms)
 groups = Group.__table__  # type: ignore[attr-defined]
 group_members = GroupMember.__table__  # type: ignore[attr-defined]
 messages = Message.__table__  # type: ignore[attr-defined]

@@ -13,7 +13,9 @@
     ├── NotAllowed                 not_allowed
     │   ├── NotAMember             not_a_member
     │   ├── RecallWindowPassed     recall_window_passed
-    │   └── RegistrationClosed     registration_closed
+    │   ├── RegistrationClosed     registration_closed
+    │   ├── AccountDisabled        account_disabled
+    │   └── AdminOnly              admin_only
     ├── NotFound                   not_found
     │   ├── UnknownRecipient       unknown_recipient
     │   ├── UnknownUser            unknown_user
@@ -101,6 +103,18 @@ class RegistrationClosed(NotAllowed):
     """``POST /v1/users`` refused: registration is closed, or needs a registration token."""
 
     code = "registration_closed"
+
+
+class AccountDisabled(NotAllowed):
+    """An administrator disabled the account: its password and its tokens are refused."""
+
+    code = "account_disabled"
+
+
+class AdminOnly(NotAllowed):
+    """An administration route, asked for by a user who is not an administrator."""
+
+    code = "admin_only"
 
 
 class NotFound(ChatError):
@@ -195,6 +209,8 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     NotAMember,
     RecallWindowPassed,
     RegistrationClosed,
+    AccountDisabled,
+    AdminOnly,
     NotFound,
     UnknownRecipient,
     UnknownUser,

@@ -170,7 +170,8 @@ class _BatchWriter:
                 return UnknownGroup(f"no such group {request.group_id!r}", ref=ref)
             if request.sender not in members:
                 return NotAMember(f"you are not a member of {request.group_id!r}", ref=ref)
-            return [request.sender, *sorted(members - {request.sender})]
+            # A deleted account is no longer an active member; ``gone`` only matters mid-deletion.
+            return [request.sender, *sorted(members - {request.sender} - self._streams.gone)]
         if request.to_user is None:
             return InvalidCommand("give to_user or group_id", ref=ref)
         if request.to_user not in self._streams.heads:

@@ -35,7 +35,7 @@ _V = TypeVar("_V")
 # Statements that run for every send or connecting device, built once: building one per
 # call (and its cache key) cost more than SQLite took to answer it.
 LOCK_HEADS = (
-    select(users.c.user_id, users.c.last_seq)
+    select(users.c.user_id, users.c.last_seq, users.c.deleted_at_ms)
     .where(users.c.user_id.in_(bindparam("ids", expanding=True)))
     .order_by(users.c.user_id)
     .with_for_update()
@@ -87,10 +87,15 @@ def latest(conn: Connection, user_id: str) -> int:
 class Streams:
     """Appends events to locked streams inside one transaction, then writes them out."""
 
-    def __init__(self, conn: Connection, dialect: Dialect, heads: dict[str, int]) -> None:
+    def __init__(
+        self, conn: Connection, dialect: Dialect, heads: dict[str, int], gone: frozenset[str] = frozenset()
+    ) -> None:
         self._conn = conn
         self._dialect = dialect
         self.heads = heads
+        # Deleted accounts: locked like the others (their rows order writers the same way), but
+        # nothing is appended to their streams and they count as no user at all.
+        self.gone = gone
         self._start = dict(heads)
         self._rows: list[dict[str, Any]] = []
         # One time for the whole transaction: what retention reads to tell old entries.
@@ -100,11 +105,13 @@ class Streams:
 
     @classmethod
     def lock(cls, conn: Connection, dialect: Dialect, user_ids: Iterable[str]) -> Streams:
-        """Lock the heads of these users' streams, in id order; users that do not exist are
-        left out of ``heads``."""
+        """Lock the heads of these users' streams, in id order; users that do not exist, or
+        were deleted (``gone``), are left out of ``heads``."""
         wanted = sorted(set(user_ids))
-        heads = {row.user_id: row.last_seq for row in conn.execute(LOCK_HEADS, {"ids": wanted})} if wanted else {}
-        return cls(conn, dialect, heads)
+        rows = list(conn.execute(LOCK_HEADS, {"ids": wanted})) if wanted else []
+        heads = {row.user_id: row.last_seq for row in rows if row.deleted_at_ms is None}
+        gone = frozenset(row.user_id for row in rows if row.deleted_at_ms is not None)
+        return cls(conn, dialect, heads, gone)
 
     def next_seq(self, user_id: str) -> int:
         self.heads[user_id] += 1
@@ -130,7 +137,10 @@ class Streams:
         self.emitted.append((user_id, self._rendered[1].model_copy(update={"seq": seq})))
 
     def emit(self, user_id: str, event: AnyStreamEvent, conversation_id: str | None = None) -> None:
-        """Append a non-message event; ``event.seq`` is replaced by the allocated one."""
+        """Append a non-message event; ``event.seq`` is replaced by the allocated one. A deleted
+        user's stream gets nothing (a receipt for a message they sent, say)."""
+        if user_id in self.gone:
+            return
         seq = self.next_seq(user_id)
         event = event.model_copy(update={"seq": seq})
         payload = event.model_dump_json(exclude={"seq", "type"})
@@ -168,6 +178,6 @@ def lock_covering(
     _, wanted = read()
     streams = Streams.lock(conn, dialect, wanted | set(also))
     value, needed = read()
-    if not needed <= streams.heads.keys():
+    if not needed <= streams.heads.keys() | streams.gone:
         raise SetChanged
     return streams, value
