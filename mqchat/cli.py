@@ -1,4 +1,4 @@
-"""``mqchat serve | user add | token | db upgrade | db current | bench``."""
+"""``mqchat serve | user add|list|disable|enable|delete|passwd|admin | group list|show | token | db | bench``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import getpass
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,15 @@ from pydantic import ValidationError
 
 from mqchat import __version__
 from mqchat.bench import command as bench_command
+from mqchat.bridge.admin import Administration
 from mqchat.bridge.composition import build_services
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.storage.schema import SchemaError
+from mqchat.bridge.store import GroupSummary, UserRecord
 from mqchat.clients.terminal import add_chat_arguments, run_chat
 from mqchat.config import Settings
-from mqchat.core.errors import ChatError
+from mqchat.core.errors import AccountDisabled, ChatError
+from mqchat.core.protocol import format_time
 from mqchat.runner import PortInUse, RunningServer, run_server
 
 log = logging.getLogger("mqchat.serve")
@@ -55,6 +58,33 @@ def _parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("user_id")
     add.add_argument("--password", help="prompted for when omitted")
+    add.add_argument("--admin", action="store_true", help="make the user an administrator")
+    listing = user_commands.add_parser("list", help="list the accounts")
+    _common(listing)
+    listing.add_argument("--all", action="store_true", help="include deleted accounts")
+    for name, what in (
+        ("disable", "refuse the user's logins and tokens and close their connections"),
+        ("enable", "let a disabled user log in again"),
+        ("delete", "delete the user: devices, tokens, stream; messages they sent become tombstones"),
+        ("passwd", "set a user's password; every earlier token stops working"),
+        ("admin", "make the user an administrator (--revoke: no longer)"),
+    ):
+        one = user_commands.add_parser(name, help=what)
+        _common(one)
+        one.add_argument("user_id")
+        if name == "delete":
+            one.add_argument("--yes", action="store_true", help="needed: deleting cannot be undone")
+        elif name == "passwd":
+            one.add_argument("--password", help="prompted for when omitted")
+        elif name == "admin":
+            one.add_argument("--revoke", action="store_true", help="take the administrator role away")
+
+    group = commands.add_parser("group", help="look at groups")
+    group_commands = group.add_subparsers(dest="group_command", required=True)
+    _common(group_commands.add_parser("list", help="list the groups"))
+    show = group_commands.add_parser("show", help="a group's owner and members")
+    _common(show)
+    show.add_argument("group_id")
 
     token = commands.add_parser("token", help="print an access token for a user (for scripts and mosquitto_sub)")
     _common(token)
@@ -183,15 +213,81 @@ def _listening(settings: Settings, server: RunningServer) -> str:
     return ", ".join(f"{what} on {host}:{port}{path}" for what, host, port, path in listeners if port is not None)
 
 
-async def _add_user(settings: Settings, user_id: str, password: str) -> None:
+async def _user(settings: Settings, args: argparse.Namespace) -> str:
+    """``mqchat user ...``: one line (or a table) to print."""
+    command = args.user_command
+    if command == "delete" and not args.yes:
+        raise ConfigError(f"deleting {args.user_id} cannot be undone: add --yes")
+    password = None
+    if command in ("add", "passwd"):
+        password = args.password or getpass.getpass(f"password for {args.user_id}: ")
     async with build_services(settings) as services:
-        await services.accounts.register(user_id, password)
+        admin = services.ops.admin
+        if command == "add":
+            assert password is not None
+            await admin.add_user(args.user_id, password, role="admin" if args.admin else "user")
+            return f"created {'administrator' if args.admin else 'user'} {args.user_id}"
+        if command == "list":
+            return _user_table(await _all_users(admin, include_deleted=args.all))
+        if command == "disable":
+            changed = await admin.disable(args.user_id)
+            return f"disabled {args.user_id}" if changed else f"{args.user_id} was disabled already"
+        if command == "enable":
+            changed = await admin.enable(args.user_id)
+            return f"enabled {args.user_id}" if changed else f"{args.user_id} was not disabled"
+        if command == "delete":
+            await admin.delete(args.user_id)
+            return f"deleted {args.user_id}"
+        if command == "passwd":
+            assert password is not None
+            await admin.set_password(args.user_id, password)
+            return f"changed the password of {args.user_id}; their earlier tokens no longer work"
+        await admin.set_role(args.user_id, "user" if args.revoke else "admin")
+        return f"{args.user_id} is {'no longer' if args.revoke else 'now'} an administrator"
+
+
+async def _all_users(admin: Administration, *, include_deleted: bool) -> list[UserRecord]:
+    found: list[UserRecord] = []
+    while page := await admin.list_users(found[-1].user_id if found else "", 1000, include_deleted=include_deleted):
+        found += page
+    return found
+
+
+def _user_table(records: list[UserRecord]) -> str:
+    rows = [("USER", "ROLE", "STATUS", "CREATED", "LAST SEQ")]
+    rows += [(r.user_id, r.role, r.status, format_time(r.created_at), str(r.last_seq)) for r in records]
+    return _table(rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+async def _group(settings: Settings, args: argparse.Namespace) -> str:
+    async with build_services(settings) as services:
+        admin = services.ops.admin
+        if args.group_command == "show":
+            info = await admin.group(args.group_id)
+            return (
+                f"{info.group_id}  {info.name!r}\nowner: {info.owner}\ncreated: {format_time(info.created_at)}\n"
+                f"members ({len(info.members)}): {' '.join(info.members)}"
+            )
+        found: list[GroupSummary] = []
+        while page := await admin.list_groups(found[-1].group_id if found else "", 1000):
+            found += page
+        rows = [("GROUP", "NAME", "OWNER", "MEMBERS", "CREATED")]
+        rows += [(g.group_id, g.name, g.owner, str(g.members), format_time(g.created_at)) for g in found]
+        return _table(rows)
 
 
 async def _token(settings: Settings, user_id: str, ttl: int | None, device_id: str | None = None) -> str:
     async with build_services(settings) as services:
-        if await services.store.get_password_hash(user_id) is None:
+        standing = await services.store.token_standing(user_id, None)
+        if standing is None:
             raise ChatError(f"no such user {user_id!r}")
+        if standing.disabled:
+            raise AccountDisabled(f"{user_id} is disabled (mqchat user enable {user_id})")
         return services.tokens.issue(user_id, ttl, device_id=device_id)
 
 
@@ -235,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
                 runner.run(_serve(settings))
         elif args.command == "user":
-            password = args.password or getpass.getpass(f"password for {args.user_id}: ")
-            asyncio.run(_add_user(settings, args.user_id, password))
-            print(f"created user {args.user_id}")
+            print(asyncio.run(_user(settings, args)))
+        elif args.command == "group":
+            print(asyncio.run(_group(settings, args)))
         elif args.command == "token":
             print(asyncio.run(_token(settings, args.user_id, args.ttl, args.device)))
         elif args.command == "db":

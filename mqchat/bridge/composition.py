@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from mqchat.bridge.admin import Administration
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.chat import ChatService
 from mqchat.bridge.operations import Operations
@@ -54,10 +55,14 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             limits=limits,
             event_keys=event_keys,
         )
-        ops = Operations(RetentionPruner(sql, settings.retention))
+        accounts = Accounts(store, tokens, settings.auth)
+        ops = Operations(
+            RetentionPruner(sql, settings.retention),
+            Administration(sql, accounts, chat, batch_size=settings.retention.batch_size),
+        )
         await chat.start()
         try:
-            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys, ops)
+            yield Services(settings, store, accounts, chat, event_keys, ops)
         finally:
             await ops.stop()
             await chat.stop()

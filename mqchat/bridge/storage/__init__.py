@@ -12,6 +12,7 @@
     conversations.py  conversations, history, unread counts
     groups.py         groups and membership
     retention.py      the oldest stream entries and unheld messages, deleted in batches
+    admin.py          accounts and groups for administrators: roles, disabling, deleting
 
 Every transaction is a plain function of a SQLAlchemy ``Connection``; the concern classes
 are combined in ``SqlStore``, which implements ``MessageStore`` (bridge/store.py). Callers

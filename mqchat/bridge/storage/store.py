@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mqchat.bridge.storage.accounts import AccountsStore
+from mqchat.bridge.storage.admin import AdminStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
@@ -13,7 +14,16 @@ from mqchat.bridge.storage.schema import SchemaState, migrate, state
 from mqchat.bridge.storage.sends import SendsStore
 
 
-class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, ConversationsStore, GroupsStore, RetentionStore):
+class SqlStore(
+    AccountsStore,
+    SendsStore,
+    ReceiptsStore,
+    RecallStore,
+    ConversationsStore,
+    GroupsStore,
+    RetentionStore,
+    AdminStore,
+):
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 
     @classmethod
