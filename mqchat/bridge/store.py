@@ -157,6 +157,30 @@ class TokenStanding:
     disabled: bool
 
 
+@dataclass(frozen=True, slots=True)
+class PushClaim:
+    """A push event a worker has claimed for one delivery attempt."""
+
+    id: int
+    recipient: str
+    attempt: int
+    """1 for the first attempt."""
+    message: StoredMessage | None
+    """None when the message or the recipient's account no longer exists: drop the event."""
+    message_id: int
+
+
+class OfflineHook(Protocol):
+    """Asked by ``save_messages`` about each recipient of each new message, inside the write
+    transaction: a recipient it calls offline gets a push event in the same transaction
+    (bridge/push.py). Runs on the database's worker thread for SQLite: quick and thread-safe."""
+
+    def offline(self, user_id: str) -> bool: ...
+
+    def queued(self) -> None:
+        """Push events were written in the transaction about to commit."""
+
+
 class AccountStore(Protocol):
     """Users, password hashes and token revocations."""
 

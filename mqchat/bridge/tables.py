@@ -147,6 +147,31 @@ class DeviceRevocation(SQLModel, table=True):
     revoked_at_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
+class PushEvent(SQLModel, table=True):
+    """The push outbox: one row per message and recipient that had no device connected when
+    the message was stored, written in the same transaction (docs/operations.md, "Push hooks").
+    Delivered rows are deleted; ``dead`` ones stay until they expire or are queued again."""
+
+    __tablename__ = "push_outbox"
+    __table_args__ = (
+        UniqueConstraint("message_id", "recipient", name="uq_push_outbox_message_recipient"),
+        Index("ix_push_outbox_due", "state", "next_attempt_ms"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True))
+    # No foreign key: a message deleted by retention or with its sender's account leaves its
+    # event to be dropped at delivery time, instead of blocking the deletion.
+    message_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    recipient: str = Field(max_length=64)
+    created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    # When it is due next; while a worker delivers it, when its claim lapses (then it is due again).
+    next_attempt_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: str = Field(default="pending", max_length=16)
+    """``pending`` or ``dead`` (gave up after ``push.max_attempts``)."""
+    last_error: str | None = Field(default=None, max_length=200)
+
+
 METADATA = SQLModel.metadata
 users = User.__table__  # type: ignore[attr-defined]
 # Ids are case-sensitive (they are topic levels), but two that differ only in case would be
@@ -161,3 +186,4 @@ stream_events = StreamEventRow.__table__  # type: ignore[attr-defined]
 device_cursors = DeviceCursor.__table__  # type: ignore[attr-defined]
 conversation_marks = ConversationMark.__table__  # type: ignore[attr-defined]
 device_revocations = DeviceRevocation.__table__  # type: ignore[attr-defined]
+push_outbox = PushEvent.__table__  # type: ignore[attr-defined]

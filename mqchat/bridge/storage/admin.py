@@ -3,7 +3,8 @@
 Deleting an account (docs/operations.md, "Admin") happens in two steps. One transaction
 marks the account deleted (no password, every token refused, the id kept so that nobody else
 can take it), takes it out of its groups (a ``member_left`` for the other members; a group it
-owned passes to the member who joined first), forgets its devices and marks, and turns every
+owned passes to the member who joined first), forgets its devices, marks and pending push
+events, and turns every
 message it sent into a tombstone whose content is gone. Then its own stream, and the messages
 of its that no stream holds any more, are deleted in small batches. Running the deletion again
 finishes an interrupted second step.
@@ -27,6 +28,7 @@ from mqchat.bridge.tables import (
     group_members,
     groups,
     messages,
+    push_outbox,
     stream_events,
     users,
 )
@@ -149,6 +151,7 @@ class AdminStore(StoreBase):
             )
             for table in (device_cursors, device_revocations, conversation_marks):
                 conn.execute(delete(table).where(table.c.user_id == user_id))
+            conn.execute(delete(push_outbox).where(push_outbox.c.recipient == user_id))
             # What others received stays in their streams, as a tombstone without content.
             conn.execute(
                 update(messages)

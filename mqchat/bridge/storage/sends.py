@@ -9,19 +9,20 @@ cannot both insert it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, select
+from sqlalchemy import Connection, bindparam, func, insert, select
 
 from mqchat.bridge.storage.base import StoreBase
 from mqchat.bridge.storage.dialect import Dialect
 from mqchat.bridge.storage.groups import members_of
 from mqchat.bridge.storage.receipts import cursor
 from mqchat.bridge.storage.streams import Streams, latest, lock_covering, render, row_to_message
-from mqchat.bridge.store import SendOutcome, SendRequest, StoredMessage, StreamPage
-from mqchat.bridge.tables import messages, stream_events
+from mqchat.bridge.store import OfflineHook, SendOutcome, SendRequest, StoredMessage, StreamPage
+from mqchat.bridge.tables import messages, push_outbox, stream_events
 from mqchat.core.errors import (
     ChatError,
     CursorExpired,
@@ -88,7 +89,7 @@ class SendsStore(StoreBase):
         def txn(conn: Connection) -> list[SendOutcome | ChatError]:
             streams, members = lock_covering(conn, self.sql, lambda: read(conn), also=people)
             existing = _find_existing(conn, self.sql, requests)
-            return _BatchWriter(conn, self.sql, streams, existing, members).write(requests)
+            return _BatchWriter(conn, self.sql, streams, existing, members, self.push_hook).write(requests)
 
         return await self.db.run("save_messages", txn, write=True)
 
@@ -125,12 +126,14 @@ class _BatchWriter:
         streams: Streams,
         existing: dict[tuple[str, str], StoredMessage],
         members: dict[str, frozenset[str]],
+        push_hook: OfflineHook | None = None,
     ) -> None:
         self._conn = conn
         self._dialect = dialect
         self._streams = streams
         self._existing = existing
         self._members = members
+        self._push_hook = push_hook
 
     def write(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         results: list[SendOutcome | ChatError | None] = [None] * len(requests)
@@ -204,4 +207,20 @@ class _BatchWriter:
             for user, seq in zip(audience, user_seqs, strict=True):
                 self._streams.add_message_entry(user, seq, message)
             outcomes.append(SendOutcome(message, False, tuple(self._streams.emitted[before:])))
+        if self._push_hook is not None:
+            self._queue_pushes(self._push_hook, stored, [audience for _, _, audience in fresh])
         return outcomes
+
+    def _queue_pushes(self, hook: OfflineHook, stored: list[StoredMessage], audiences: list[list[str]]) -> None:
+        """A push event per recipient that the hook calls offline, in this transaction: it
+        commits with the message or not at all (the sender, first in the audience, gets none)."""
+        now = time.time_ns() // 1_000_000
+        rows = [
+            {"message_id": message.id, "recipient": user, "created_ms": now, "next_attempt_ms": now}
+            for message, audience in zip(stored, audiences, strict=True)
+            for user in audience[1:]
+            if hook.offline(user)
+        ]
+        if rows:
+            self._conn.execute(insert(push_outbox), [row | {"attempts": 0, "state": "pending"} for row in rows])
+            hook.queued()

@@ -7,6 +7,7 @@ from mqchat.bridge.storage.admin import AdminStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
+from mqchat.bridge.storage.push import PushStore
 from mqchat.bridge.storage.recall import RecallStore
 from mqchat.bridge.storage.receipts import ReceiptsStore
 from mqchat.bridge.storage.retention import RetentionStore
@@ -23,6 +24,7 @@ class SqlStore(
     GroupsStore,
     RetentionStore,
     AdminStore,
+    PushStore,
 ):
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 
