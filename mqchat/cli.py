@@ -1,4 +1,4 @@
-"""``mqchat serve | user add|list|disable|enable|delete|passwd|admin | group list|show | token | db | bench``."""
+"""``mqchat serve | user ... | group list|show | push status|requeue | token | db | bench``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import getpass
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     show = group_commands.add_parser("show", help="a group's owner and members")
     _common(show)
     show.add_argument("group_id")
+
+    push = commands.add_parser("push", help="the push outbox (push hooks for offline users)")
+    push_commands = push.add_subparsers(dest="push_command", required=True)
+    _common(push_commands.add_parser("status", help="events waiting and dead-lettered"))
+    _common(push_commands.add_parser("requeue", help="queue every dead-lettered event again"))
 
     token = commands.add_parser("token", help="print an access token for a user (for scripts and mosquitto_sub)")
     _common(token)
@@ -291,6 +297,20 @@ async def _token(settings: Settings, user_id: str, ttl: int | None, device_id: s
         return services.tokens.issue(user_id, ttl, device_id=device_id)
 
 
+async def _push(settings: Settings, command: str) -> str:
+    settings.prepare_data_dir()
+    store = SqlStore.from_url(settings.resolved_database_url())
+    try:
+        await store.migrate(apply=settings.database.auto_migrate)
+        if command == "requeue":
+            count = await store.requeue_dead_push_events(time.time_ns() // 1_000_000)
+            return f"queued {count} dead-lettered events again"
+        depths = await store.push_depths()
+        return f"pending {depths['pending']}, dead {depths['dead']}"
+    finally:
+        await store.close()
+
+
 async def _db(settings: Settings, command: str) -> str:
     settings.prepare_data_dir()
     store = SqlStore.from_url(settings.resolved_database_url())
@@ -334,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
             print(asyncio.run(_user(settings, args)))
         elif args.command == "group":
             print(asyncio.run(_group(settings, args)))
+        elif args.command == "push":
+            print(asyncio.run(_push(settings, args.push_command)))
         elif args.command == "token":
             print(asyncio.run(_token(settings, args.user_id, args.ttl, args.device)))
         elif args.command == "db":

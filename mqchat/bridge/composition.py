@@ -6,6 +6,7 @@ nothing creates engines or clients at import time.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from mqchat.bridge.admin import Administration
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.chat import ChatService
 from mqchat.bridge.operations import Operations
+from mqchat.bridge.push import NodePresence, PushHook, PushService
 from mqchat.bridge.retention import RetentionPruner
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import MessageStore
@@ -56,9 +58,17 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             event_keys=event_keys,
         )
         accounts = Accounts(store, tokens, settings.auth)
+        push = None
+        if settings.push.webhook_url is not None:
+            # Push events are written with the messages from now on, whether or not this
+            # process delivers them (only `mqchat serve` runs the worker).
+            hook = PushHook(NodePresence(chat.presence), asyncio.get_running_loop())
+            sql.push_hook = hook
+            push = PushService(sql, settings.push, hook, offline_days=settings.retention.offline_days)
         ops = Operations(
-            RetentionPruner(sql, settings.retention),
+            RetentionPruner(sql, settings.retention, also=push.expire if push is not None else None),
             Administration(sql, accounts, chat, batch_size=settings.retention.batch_size),
+            push,
         )
         await chat.start()
         try:
