@@ -1,4 +1,4 @@
-"""``mqchat serve | user ... | group list|show | push status|requeue | token | db | bench``."""
+"""``mqchat serve | user ... | group list|show | push status|requeue | backup | restore | token | db | bench``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,16 @@ from mqchat.bench import command as bench_command
 from mqchat.bridge.admin import Administration
 from mqchat.bridge.composition import build_services
 from mqchat.bridge.storage import SqlStore
-from mqchat.bridge.storage.schema import SchemaError
+from mqchat.bridge.storage.backup import (
+    DOCS,
+    BackupError,
+    backup_postgres,
+    backup_sqlite,
+    database_file,
+    restore_sqlite,
+)
+from mqchat.bridge.storage.database import is_sqlite
+from mqchat.bridge.storage.schema import SchemaError, known_revisions
 from mqchat.bridge.store import GroupSummary, UserRecord
 from mqchat.clients.terminal import add_chat_arguments, run_chat
 from mqchat.config import Settings
@@ -97,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
     token.add_argument("--device", help="scope the token to this device id (default: any device of the user)")
+    backup = commands.add_parser("backup", help="a consistent copy of the database, also while serving")
+    _common(backup)
+    backup.add_argument("file", type=Path, help="where to write it (replaced if it exists)")
+    restore = commands.add_parser("restore", help="replace the database with a backup (no server may run)")
+    _common(restore)
+    restore.add_argument("file", type=Path, help="a file written by mqchat backup")
     db = commands.add_parser("db", help="the database schema (migrations)")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     _common(db_commands.add_parser("upgrade", help="apply the pending schema migrations (under a database lock)"))
@@ -311,6 +326,34 @@ async def _push(settings: Settings, command: str) -> str:
         await store.close()
 
 
+def _backup(settings: Settings, target: Path) -> str:
+    url = settings.resolved_database_url()
+    database = database_file(url)
+    started = time.monotonic()
+    if database is None:
+        if is_sqlite(url):
+            raise BackupError("an in-memory database has nothing to back up")
+        size = backup_postgres(url, target)
+        return f"backed up the PostgreSQL database to {target} with pg_dump ({size:,} bytes)"
+    summary = backup_sqlite(database, target)
+    took = time.monotonic() - started
+    return f"backed up {database} to {target} in {took:.1f} s: {summary.describe()}"
+
+
+def _restore(settings: Settings, backup: Path) -> str:
+    url = settings.resolved_database_url()
+    database = database_file(url)
+    if database is None:
+        raise BackupError(
+            "mqchat restore restores SQLite backups; restore PostgreSQL with pg_restore into a database "
+            f"no node uses ({DOCS})"
+        )
+    settings.prepare_data_dir()
+    summary, kept = restore_sqlite(backup, database, known_revisions())
+    before = f"; the database it replaced is kept as {kept}" if kept is not None else ""
+    return f"restored {backup} into {database}: {summary.describe()}{before}"
+
+
 async def _db(settings: Settings, command: str) -> str:
     settings.prepare_data_dir()
     store = SqlStore.from_url(settings.resolved_database_url())
@@ -356,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
             print(asyncio.run(_group(settings, args)))
         elif args.command == "push":
             print(asyncio.run(_push(settings, args.push_command)))
+        elif args.command == "backup":
+            print(_backup(settings, args.file))
+        elif args.command == "restore":
+            print(_restore(settings, args.file))
         elif args.command == "token":
             print(asyncio.run(_token(settings, args.user_id, args.ttl, args.device)))
         elif args.command == "db":
@@ -365,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ChatError as exc:
         print(f"mqchat: {exc.message}", file=sys.stderr)
+        return 1
+    except BackupError as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -7,6 +7,7 @@ nothing creates engines or clients at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from mqchat.bridge.operations import Operations
 from mqchat.bridge.push import NodePresence, PushHook, PushService
 from mqchat.bridge.retention import RetentionPruner
 from mqchat.bridge.storage import SqlStore
+from mqchat.bridge.storage.backup import database_file, in_use
 from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
 
@@ -40,7 +42,17 @@ class Services:
 @asynccontextmanager
 async def build_services(settings: Settings) -> AsyncIterator[Services]:
     settings.prepare_data_dir()
-    sql = SqlStore.from_url(settings.resolved_database_url())
+    url = settings.resolved_database_url()
+    database = database_file(url)
+    # Every process with a SQLite database open holds its lock (shared): a restore waits for none.
+    with in_use(database) if database is not None else contextlib.nullcontext():
+        async with _services(settings, url) as services:
+            yield services
+
+
+@asynccontextmanager
+async def _services(settings: Settings, url: str) -> AsyncIterator[Services]:
+    sql = SqlStore.from_url(url)
     store: MessageStore = sql
     try:
         # Pending migrations are applied under a database lock, so nodes starting together
