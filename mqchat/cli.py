@@ -1,4 +1,4 @@
-"""``mqchat serve | user add | token | db upgrade | db current | bench``."""
+"""``mqchat serve | user ... | group list|show | push status|requeue | backup | restore | token | db | bench``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import getpass
 import logging
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,24 @@ from pydantic import ValidationError
 
 from mqchat import __version__
 from mqchat.bench import command as bench_command
+from mqchat.bridge.admin import Administration
 from mqchat.bridge.composition import build_services
 from mqchat.bridge.storage import SqlStore
-from mqchat.bridge.storage.schema import SchemaError
+from mqchat.bridge.storage.backup import (
+    DOCS,
+    BackupError,
+    backup_postgres,
+    backup_sqlite,
+    database_file,
+    restore_sqlite,
+)
+from mqchat.bridge.storage.database import is_sqlite
+from mqchat.bridge.storage.schema import SchemaError, known_revisions
+from mqchat.bridge.store import GroupSummary, UserRecord
 from mqchat.clients.terminal import add_chat_arguments, run_chat
 from mqchat.config import Settings
-from mqchat.core.errors import ChatError
+from mqchat.core.errors import AccountDisabled, ChatError
+from mqchat.core.protocol import format_time
 from mqchat.runner import PortInUse, RunningServer, run_server
 
 log = logging.getLogger("mqchat.serve")
@@ -57,12 +70,50 @@ def _parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("user_id")
     add.add_argument("--password", help="prompted for when omitted")
+    add.add_argument("--admin", action="store_true", help="make the user an administrator")
+    listing = user_commands.add_parser("list", help="list the accounts")
+    _common(listing)
+    listing.add_argument("--all", action="store_true", help="include deleted accounts")
+    for name, what in (
+        ("disable", "refuse the user's logins and tokens and close their connections"),
+        ("enable", "let a disabled user log in again"),
+        ("delete", "delete the user: devices, tokens, stream; messages they sent become tombstones"),
+        ("passwd", "set a user's password; every earlier token stops working"),
+        ("admin", "make the user an administrator (--revoke: no longer)"),
+    ):
+        one = user_commands.add_parser(name, help=what)
+        _common(one)
+        one.add_argument("user_id")
+        if name == "delete":
+            one.add_argument("--yes", action="store_true", help="needed: deleting cannot be undone")
+        elif name == "passwd":
+            one.add_argument("--password", help="prompted for when omitted")
+        elif name == "admin":
+            one.add_argument("--revoke", action="store_true", help="take the administrator role away")
+
+    group = commands.add_parser("group", help="look at groups")
+    group_commands = group.add_subparsers(dest="group_command", required=True)
+    _common(group_commands.add_parser("list", help="list the groups"))
+    show = group_commands.add_parser("show", help="a group's owner and members")
+    _common(show)
+    show.add_argument("group_id")
+
+    push = commands.add_parser("push", help="the push outbox (push hooks for offline users)")
+    push_commands = push.add_subparsers(dest="push_command", required=True)
+    _common(push_commands.add_parser("status", help="events waiting and dead-lettered"))
+    _common(push_commands.add_parser("requeue", help="queue every dead-lettered event again"))
 
     token = commands.add_parser("token", help="print an access token for a user (for scripts and mosquitto_sub)")
     _common(token)
     token.add_argument("user_id")
     token.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.token_ttl_seconds)")
     token.add_argument("--device", help="scope the token to this device id (default: any device of the user)")
+    backup = commands.add_parser("backup", help="a consistent copy of the database, also while serving")
+    _common(backup)
+    backup.add_argument("file", type=Path, help="where to write it (replaced if it exists)")
+    restore = commands.add_parser("restore", help="replace the database with a backup (no server may run)")
+    _common(restore)
+    restore.add_argument("file", type=Path, help="a file written by mqchat backup")
     db = commands.add_parser("db", help="the database schema (migrations)")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     _common(db_commands.add_parser("upgrade", help="apply the pending schema migrations (under a database lock)"))
@@ -185,16 +236,124 @@ def _listening(settings: Settings, server: RunningServer) -> str:
     return ", ".join(f"{what} on {host}:{port}{path}" for what, host, port, path in listeners if port is not None)
 
 
-async def _add_user(settings: Settings, user_id: str, password: str) -> None:
+async def _user(settings: Settings, args: argparse.Namespace) -> str:
+    """``mqchat user ...``: one line (or a table) to print."""
+    command = args.user_command
+    if command == "delete" and not args.yes:
+        raise ConfigError(f"deleting {args.user_id} cannot be undone: add --yes")
+    password = None
+    if command in ("add", "passwd"):
+        password = args.password or getpass.getpass(f"password for {args.user_id}: ")
     async with build_services(settings) as services:
-        await services.accounts.register(user_id, password)
+        admin = services.ops.admin
+        if command == "add":
+            assert password is not None
+            await admin.add_user(args.user_id, password, role="admin" if args.admin else "user")
+            return f"created {'administrator' if args.admin else 'user'} {args.user_id}"
+        if command == "list":
+            return _user_table(await _all_users(admin, include_deleted=args.all))
+        if command == "disable":
+            changed = await admin.disable(args.user_id)
+            return f"disabled {args.user_id}" if changed else f"{args.user_id} was disabled already"
+        if command == "enable":
+            changed = await admin.enable(args.user_id)
+            return f"enabled {args.user_id}" if changed else f"{args.user_id} was not disabled"
+        if command == "delete":
+            await admin.delete(args.user_id)
+            return f"deleted {args.user_id}"
+        if command == "passwd":
+            assert password is not None
+            await admin.set_password(args.user_id, password)
+            return f"changed the password of {args.user_id}; their earlier tokens no longer work"
+        await admin.set_role(args.user_id, "user" if args.revoke else "admin")
+        return f"{args.user_id} is {'no longer' if args.revoke else 'now'} an administrator"
+
+
+async def _all_users(admin: Administration, *, include_deleted: bool) -> list[UserRecord]:
+    found: list[UserRecord] = []
+    while page := await admin.list_users(found[-1].user_id if found else "", 1000, include_deleted=include_deleted):
+        found += page
+    return found
+
+
+def _user_table(records: list[UserRecord]) -> str:
+    rows = [("USER", "ROLE", "STATUS", "CREATED", "LAST SEQ")]
+    rows += [(r.user_id, r.role, r.status, format_time(r.created_at), str(r.last_seq)) for r in records]
+    return _table(rows)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+async def _group(settings: Settings, args: argparse.Namespace) -> str:
+    async with build_services(settings) as services:
+        admin = services.ops.admin
+        if args.group_command == "show":
+            info = await admin.group(args.group_id)
+            return (
+                f"{info.group_id}  {info.name!r}\nowner: {info.owner}\ncreated: {format_time(info.created_at)}\n"
+                f"members ({len(info.members)}): {' '.join(info.members)}"
+            )
+        found: list[GroupSummary] = []
+        while page := await admin.list_groups(found[-1].group_id if found else "", 1000):
+            found += page
+        rows = [("GROUP", "NAME", "OWNER", "MEMBERS", "CREATED")]
+        rows += [(g.group_id, g.name, g.owner, str(g.members), format_time(g.created_at)) for g in found]
+        return _table(rows)
 
 
 async def _token(settings: Settings, user_id: str, ttl: int | None, device_id: str | None = None) -> str:
     async with build_services(settings) as services:
-        if await services.store.get_password_hash(user_id) is None:
+        standing = await services.store.token_standing(user_id, None)
+        if standing is None:
             raise ChatError(f"no such user {user_id!r}")
+        if standing.disabled:
+            raise AccountDisabled(f"{user_id} is disabled (mqchat user enable {user_id})")
         return services.tokens.issue(user_id, ttl, device_id=device_id)
+
+
+async def _push(settings: Settings, command: str) -> str:
+    settings.prepare_data_dir()
+    store = SqlStore.from_url(settings.resolved_database_url())
+    try:
+        await store.migrate(apply=settings.database.auto_migrate)
+        if command == "requeue":
+            count = await store.requeue_dead_push_events(time.time_ns() // 1_000_000)
+            return f"queued {count} dead-lettered events again"
+        depths = await store.push_depths()
+        return f"pending {depths['pending']}, dead {depths['dead']}"
+    finally:
+        await store.close()
+
+
+def _backup(settings: Settings, target: Path) -> str:
+    url = settings.resolved_database_url()
+    database = database_file(url)
+    started = time.monotonic()
+    if database is None:
+        if is_sqlite(url):
+            raise BackupError("an in-memory database has nothing to back up")
+        size = backup_postgres(url, target)
+        return f"backed up the PostgreSQL database to {target} with pg_dump ({size:,} bytes)"
+    summary = backup_sqlite(database, target)
+    took = time.monotonic() - started
+    return f"backed up {database} to {target} in {took:.1f} s: {summary.describe()}"
+
+
+def _restore(settings: Settings, backup: Path) -> str:
+    url = settings.resolved_database_url()
+    database = database_file(url)
+    if database is None:
+        raise BackupError(
+            "mqchat restore restores SQLite backups; restore PostgreSQL with pg_restore into a database "
+            f"no node uses ({DOCS})"
+        )
+    settings.prepare_data_dir()
+    summary, kept = restore_sqlite(backup, database, known_revisions())
+    before = f"; the database it replaced is kept as {kept}" if kept is not None else ""
+    return f"restored {backup} into {database}: {summary.describe()}{before}"
 
 
 async def _db(settings: Settings, command: str) -> str:
@@ -237,9 +396,15 @@ def main(argv: list[str] | None = None) -> int:
             with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
                 runner.run(_serve(settings))
         elif args.command == "user":
-            password = args.password or getpass.getpass(f"password for {args.user_id}: ")
-            asyncio.run(_add_user(settings, args.user_id, password))
-            print(f"created user {args.user_id}")
+            print(asyncio.run(_user(settings, args)))
+        elif args.command == "group":
+            print(asyncio.run(_group(settings, args)))
+        elif args.command == "push":
+            print(asyncio.run(_push(settings, args.push_command)))
+        elif args.command == "backup":
+            print(_backup(settings, args.file))
+        elif args.command == "restore":
+            print(_restore(settings, args.file))
         elif args.command == "token":
             print(asyncio.run(_token(settings, args.user_id, args.ttl, args.device)))
         elif args.command == "db":
@@ -249,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ChatError as exc:
         print(f"mqchat: {exc.message}", file=sys.stderr)
+        return 1
+    except BackupError as exc:
+        print(f"mqchat: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -184,6 +184,54 @@ class DatabaseSettings(_Section):
     a cluster's database once, on purpose, before starting new nodes."""
 
 
+class RetentionSettings(_Section):
+    """How long history is kept; docs/operations.md, "Retention"."""
+
+    days: float | None = Field(default=None, gt=0)
+    """Stream entries (and then messages) older than this are deleted. None: history is kept forever."""
+    offline_days: float = Field(default=7, gt=0)
+    """An entry that some device of its user has not acked yet (past that device's cursor) is
+    kept at least this long, even when ``days`` is shorter; pending push events are dropped after it."""
+    interval_seconds: float = Field(default=3600, gt=0)
+    """How often the pruner looks for old entries (the first pass runs at start-up)."""
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    """Rows deleted per transaction: small, so that sends never wait long behind the pruner."""
+
+
+class PushSettings(_Section):
+    """Push hooks for offline users: a webhook per event; docs/operations.md, "Push hooks"."""
+
+    webhook_url: str | None = None
+    """Where each event is POSTed (http:// or https://). Unset: no push events are written."""
+    webhook_secret: str | None = Field(default=None, min_length=16)
+    """Key of the HMAC-SHA256 in ``X-Mqchat-Signature``; required with ``webhook_url``."""
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    """Deliveries tried per event; after the last failure it is dead-lettered."""
+    timeout_seconds: float = Field(default=10, gt=0, le=300)
+    """A delivery that has not answered within this time has failed."""
+    backoff_seconds: float = Field(default=2, gt=0)
+    """Wait after the first failure; each further failure doubles it."""
+    backoff_max_seconds: float = Field(default=900, gt=0)
+    """The longest wait between two attempts."""
+    concurrency: int = Field(default=8, ge=1, le=1000)
+    """Deliveries in flight at once (per node)."""
+    preview_chars: int = Field(default=0, ge=0, le=1000)
+    """Characters of the message text sent as ``preview``; 0 (the default) sends none."""
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_with_url(self) -> PushSettings:
+        if self.webhook_url is not None and not self.webhook_secret:
+            raise ValueError("push.webhook_url needs push.webhook_secret (16 characters or more)")
+        return self
+
+
 class BridgeSettings(_Section):
     queue_size: int = Field(default=10_000, ge=1)
     """Commands waiting to be stored; beyond it a send gets ``server_busy`` (retry)."""
@@ -238,6 +286,8 @@ class Settings(BaseSettings):
     bridge: BridgeSettings = BridgeSettings()
     limits: LimitsSettings = LimitsSettings()
     tls: TlsSettings = TlsSettings()
+    retention: RetentionSettings = RetentionSettings()
+    push: PushSettings = PushSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -248,6 +248,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             host = AmqttHost(broker, settings)
             await host.start()
             services.chat.attach(broker)
+            await services.ops.start()
             try:
                 # The browser page learns the bound ports (they differ from the settings with port 0).
                 client_config = ClientConfig(ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss"))
@@ -258,6 +259,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                         )
                     yield _running(services, broker, http_socks)
             finally:
+                await services.ops.stop()
                 services.chat.attach(None)
                 await broker.close()
                 await host.shutdown()

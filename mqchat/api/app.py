@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from mqchat import __version__
+from mqchat.api.admin import install_admin_routes
 from mqchat.api.errors import install_error_handlers
 from mqchat.api.headers import SecurityHeaders
 from mqchat.api.limits import BodySizeLimit
@@ -265,6 +266,7 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         return await services.chat.presence_of(user, user_id)
 
     _install_group_routes(app)
+    install_admin_routes(app)
     return app
 
 

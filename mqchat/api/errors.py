@@ -1,5 +1,6 @@
 """The one mapping from errors to HTTP responses: ``{"error": {"code", "message"}}``
-(plus ``retry_after``, in seconds, with ``rate_limited``)."""
+(plus ``retry_after``, in seconds, with ``rate_limited``; ``oldest_seq`` and ``latest_seq``
+with ``cursor_expired``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mqchat.core.errors import ChatError, RateLimited
+from mqchat.core.errors import ChatError, CursorExpired, RateLimited
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -24,10 +25,13 @@ _HTTP_CODES = {
 }
 
 
-def error_body(code: str, message: str, retry_after: float | None = None) -> dict[str, dict[str, str | float]]:
+def error_body(
+    code: str, message: str, retry_after: float | None = None, **extra: int | None
+) -> dict[str, dict[str, str | float]]:
     body: dict[str, str | float] = {"code": code, "message": message}
     if retry_after is not None:
         body["retry_after"] = retry_after
+    body.update({name: value for name, value in extra.items() if value is not None})
     return {"error": body}
 
 
@@ -43,8 +47,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatError)
     async def _chat_error(_: Request, exc: ChatError) -> JSONResponse:
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        extra = {"oldest_seq": exc.oldest_seq, "latest_seq": exc.latest_seq} if isinstance(exc, CursorExpired) else {}
         return JSONResponse(
-            error_body(exc.code, exc.message, retry_after), status_code=exc.status, headers=_headers(exc)
+            error_body(exc.code, exc.message, retry_after, **extra), status_code=exc.status, headers=_headers(exc)
         )
 
     @app.exception_handler(RequestValidationError)

@@ -20,7 +20,7 @@ import hmac
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import jwt
@@ -30,6 +30,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from mqchat.bridge.store import AccountStore
 from mqchat.config import AuthSettings
 from mqchat.core.errors import (
+    AccountDisabled,
     ChatError,
     InvalidCommand,
     InvalidCredentials,
@@ -37,6 +38,7 @@ from mqchat.core.errors import (
     RateLimited,
     RegistrationClosed,
     ServerBusy,
+    UnknownUser,
 )
 from mqchat.core.ids import check_id
 from mqchat.core.origin import event_key, sign
@@ -60,6 +62,8 @@ class Claims:
     device_id: str | None
     """The one device the token is for; None: any device of the user."""
     issued_ms: int
+    role: str = "user"
+    """Not from the token: what the database says at ``Accounts.authorize`` (``user`` or ``admin``)."""
 
 
 class TokenIssuer:
@@ -290,22 +294,31 @@ class Accounts:
         if not ok:
             raise InvalidCredentials("wrong user id or password")
         self._throttle.succeeded(user_id, client_ip, stamp)
+        # Only someone who knows the password learns that the account is disabled.
+        standing = await self._store.token_standing(user_id, None)
+        if standing is not None and standing.disabled:
+            raise AccountDisabled("this account is disabled; ask the server's operator")
 
     async def authorize(self, token: str, device_id: str | None = None) -> Claims:
         """Verify a token for use, on one device when ``device_id`` is given.
 
         Refused: a token scoped to another device, a token issued before the device (given,
-        or the token's own) was revoked, and one issued before the user logged out
-        everywhere or changed the password.
+        or the token's own) was revoked, one issued before the user logged out everywhere or
+        changed the password, and every token of a deleted or disabled account. The returned
+        claims carry the account's role as the database has it now.
         """
         claims = self._tokens.verify(token)
         if device_id is not None and claims.device_id not in (None, device_id):
             raise InvalidToken(f"the access token is for another device than {device_id!r}")
         device = device_id or claims.device_id
-        refused_upto = await self._store.tokens_refused_upto(claims.user_id, device)
-        if refused_upto is not None and claims.issued_ms <= refused_upto:
+        standing = await self._store.token_standing(claims.user_id, device)
+        if standing is None:
+            raise InvalidToken("the access token's user does not exist")
+        if standing.disabled:
+            raise AccountDisabled("this account is disabled; ask the server's operator")
+        if standing.refused_upto is not None and claims.issued_ms <= standing.refused_upto:
             raise InvalidToken("the access token was revoked; log in again")
-        return claims
+        return replace(claims, role=standing.role)
 
     def refresh(self, claims: Claims) -> str:
         """A fresh token with the same user and device scope (``claims`` already authorized)."""
@@ -330,6 +343,15 @@ class Accounts:
         await self._store.set_password(claims.user_id, digest, now_ms())
         await _past_this_millisecond()
         return self.refresh(claims)
+
+    async def reset_password(self, user_id: str, new: str) -> None:
+        """An administrator sets the password (no old one asked); every earlier token is refused."""
+        _check_password(new)
+        if await self._store.get_password_hash(user_id) is None:
+            raise UnknownUser(f"no such user {user_id!r}")
+        digest = await self._hashing.run(self._hasher.hash, new)
+        await self._store.set_password(user_id, digest, now_ms())
+        await _past_this_millisecond()
 
     def _verify(self, digest: str | None, password: str) -> bool:
         try:

@@ -160,6 +160,7 @@ class ChatService:
         self.groups = GroupDirectory(store, group_cache_seconds if cluster is not None else None)
         self.fanout.on_group_changed = self.groups.forget
         self.presence: PresenceBook = LocalPresence() if cluster is None else ClusterPresence(cluster)
+        self.fanout.on_presence = self.presence.note
         self._typing = TypingThrottle(settings.typing_interval_seconds)
 
     @property

@@ -6,14 +6,21 @@ nothing creates engines or clients at import time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from mqchat.bridge.admin import Administration
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.chat import ChatService
 from mqchat.bridge.cluster import RedisCluster
+from mqchat.bridge.operations import Operations
+from mqchat.bridge.push import PushHook, PushService
+from mqchat.bridge.retention import RetentionPruner
 from mqchat.bridge.storage import SqlStore
+from mqchat.bridge.storage.backup import database_file, in_use
 from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
 
@@ -25,6 +32,8 @@ class Services:
     accounts: Accounts
     chat: ChatService
     event_keys: EventKeys
+    ops: Operations
+    """Retention, push hooks, administration (background tasks started by ``run_server``)."""
 
     @property
     def tokens(self) -> TokenIssuer:
@@ -36,7 +45,17 @@ async def build_services(settings: Settings, *, serve: bool = False) -> AsyncIte
     """``serve``: this process is a server node (in cluster mode it joins the cluster: subscribes,
     heartbeats); otherwise a tool (``mqchat user ...``) that may only tell the nodes things."""
     settings.prepare_data_dir()
-    sql = SqlStore.from_url(settings.resolved_database_url())
+    url = settings.resolved_database_url()
+    database = database_file(url)
+    # Every process with a SQLite database open holds its lock (shared): a restore waits for none.
+    with in_use(database) if database is not None else contextlib.nullcontext():
+        async with _services(settings, url, serve=serve) as services:
+            yield services
+
+
+@asynccontextmanager
+async def _services(settings: Settings, url: str, *, serve: bool) -> AsyncIterator[Services]:
+    sql = SqlStore.from_url(url)
     store: MessageStore = sql
     cluster = None
     if settings.redis_url:
@@ -60,10 +79,24 @@ async def build_services(settings: Settings, *, serve: bool = False) -> AsyncIte
         )
         if cluster is not None:
             await cluster.start(serve=serve)
+        accounts = Accounts(store, tokens, settings.auth)
+        push = None
+        if settings.push.webhook_url is not None:
+            # Push events are written with the messages from now on, whether or not this
+            # process delivers them (only `mqchat serve` runs the worker).
+            hook = PushHook(chat.presence, asyncio.get_running_loop())
+            sql.push_hook = hook
+            push = PushService(sql, settings.push, hook, offline_days=settings.retention.offline_days)
+        ops = Operations(
+            RetentionPruner(sql, settings.retention, also=push.expire if push is not None else None),
+            Administration(sql, accounts, chat, batch_size=settings.retention.batch_size),
+            push,
+        )
         await chat.start()
         try:
-            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys)
+            yield Services(settings, store, accounts, chat, event_keys, ops)
         finally:
+            await ops.stop()
             await chat.stop()
     finally:
         if cluster is not None:

@@ -62,6 +62,7 @@ class Fanout:
         self._publisher: Publisher | None = None
         self._sessions: SessionControl | None = None
         self.on_group_changed: Callable[[str], None] = lambda group_id: None
+        self.on_presence: Callable[[Presence], None] = lambda presence: None
         self._tasks: set[asyncio.Task[Any]] = set()
         if cluster is not None:
             cluster.on_events = self._remote_events
@@ -179,6 +180,7 @@ class Fanout:
         if isinstance(last_seen, int | float):
             last_seen = format_time(datetime.fromtimestamp(last_seen, UTC))
         presence = Presence(user_id=message["user"], status=message["status"], last_seen=last_seen)
+        self.on_presence(presence)
         self.presence(presence, tell_others=False)
 
     def resync(self, users: set[str] | None) -> None:

@@ -29,6 +29,15 @@ class PresenceBook(Protocol):
         """The ids of the user's devices connected to this node."""
         ...
 
+    def is_online(self, user_id: str) -> bool:
+        """Whether any device of the user is connected (anywhere in a cluster), without waiting:
+        the push hook asks it from the SQLite writer thread, inside the message's transaction."""
+        ...
+
+    def note(self, presence: Presence) -> None:
+        """Another node published this presence change."""
+        ...
+
 
 class PresenceTracker:
     def __init__(self) -> None:
@@ -89,6 +98,13 @@ class LocalPresence:
     def devices_of(self, user_id: str) -> list[str]:
         return self.tracker.devices_of(user_id)
 
+    def is_online(self, user_id: str) -> bool:
+        # One C-level read of the tracker's dict and set: safe from the SQLite writer thread.
+        return bool(self.tracker.devices_of(user_id))
+
+    def note(self, presence: Presence) -> None:
+        pass  # a single node publishes only its own changes
+
 
 class ClusterPresence:
     """Cluster mode: Redis knows every node's devices (``RedisCluster.register``); while Redis
@@ -97,6 +113,9 @@ class ClusterPresence:
     def __init__(self, cluster: RedisCluster) -> None:
         self._cluster = cluster
         self._local = PresenceTracker()
+        # Users online anywhere, as the presence changes of every node announce them: what the
+        # push hook needs at once, without a round trip to Redis inside a transaction.
+        self._online: set[str] = set()
 
     async def connected(self, device: DeviceAddress, epoch: int, limit: int) -> tuple[bool, Presence | None]:
         local = self._local.connected(device)
@@ -107,6 +126,7 @@ class ClusterPresence:
         if not allowed:
             self._local.disconnected(device)
             return False, None
+        self._online.add(device.user_id)
         return True, (_presence(device.user_id, "online", time.time()) if before == 0 else None)
 
     async def disconnected(self, device: DeviceAddress, epoch: int, *, replaced: bool) -> Presence | None:
@@ -116,7 +136,10 @@ class ClusterPresence:
             left = await self._cluster.unregister(device, epoch)
         except Degraded:
             return local
-        return _presence(device.user_id, "offline", time.time()) if left == 0 else None
+        if left == 0:
+            self._online.discard(device.user_id)
+            return _presence(device.user_id, "offline", time.time())
+        return None
 
     async def of(self, user_id: str) -> Presence:
         try:
@@ -127,6 +150,15 @@ class ClusterPresence:
 
     def devices_of(self, user_id: str) -> list[str]:
         return self._local.devices_of(user_id)
+
+    def is_online(self, user_id: str) -> bool:
+        return user_id in self._online or bool(self._local.devices_of(user_id))
+
+    def note(self, presence: Presence) -> None:
+        if presence.status == "online":
+            self._online.add(presence.user_id)
+        else:
+            self._online.discard(presence.user_id)
 
 
 def _presence(user_id: str, status: str, seen: float | None) -> Presence:

@@ -107,6 +107,79 @@ class Receipt:
     read_at: datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """An account as administrators see it."""
+
+    user_id: str
+    role: str
+    created_at: datetime
+    last_seq: int
+    disabled_at_ms: int | None
+    deleted_at_ms: int | None
+
+    @property
+    def status(self) -> str:
+        if self.deleted_at_ms is not None:
+            return "deleted"
+        return "disabled" if self.disabled_at_ms is not None else "active"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSummary:
+    group_id: str
+    name: str
+    owner: str
+    members: int
+    """Active members, owner included."""
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PruneTarget:
+    """Retention: entries ``oldest .. upto`` of ``user_id``'s stream are to go."""
+
+    user_id: str
+    oldest: int
+    upto: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStanding:
+    """The account behind a token, as the database says now."""
+
+    refused_upto: int | None
+    """Tokens issued at or before this time (ms) are refused: the later of the user's last "log
+    out everywhere" (password change, disabling) and, for a device, its last revocation."""
+    role: str
+    """``user`` or ``admin``."""
+    disabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PushClaim:
+    """A push event a worker has claimed for one delivery attempt."""
+
+    id: int
+    recipient: str
+    attempt: int
+    """1 for the first attempt."""
+    message: StoredMessage | None
+    """None when the message or the recipient's account no longer exists: drop the event."""
+    message_id: int
+
+
+class OfflineHook(Protocol):
+    """Asked by ``save_messages`` about each recipient of each new message, inside the write
+    transaction: a recipient it calls offline gets a push event in the same transaction
+    (bridge/push.py). Runs on the database's worker thread for SQLite: quick and thread-safe."""
+
+    def offline(self, user_id: str) -> bool: ...
+
+    def queued(self) -> None:
+        """Push events were written in the transaction about to commit."""
+
+
 class AccountStore(Protocol):
     """Users, password hashes and token revocations."""
 
@@ -121,10 +194,9 @@ class AccountStore(Protocol):
     async def device_revoked_at(self, user_id: str, device_id: str) -> int | None:
         """When the device was last revoked (ms since the epoch), or None."""
 
-    async def tokens_refused_upto(self, user_id: str, device_id: str | None) -> int | None:
-        """Tokens issued at or before this time (ms) are refused: the later of the user's last
-        "log out everywhere" (or password change) and, for a device, its last revocation.
-        None when neither happened. One query: it runs at every CONNECT and HTTP request."""
+    async def token_standing(self, user_id: str, device_id: str | None) -> TokenStanding | None:
+        """What a token of this user (for this device) is worth: None for no such user (or a
+        deleted one). One query: it runs at every CONNECT and HTTP request."""
 
     async def revoke_all_tokens(self, user_id: str, at_ms: int) -> None:
         """Refuse, from now on, every token of the user issued at or before ``at_ms``."""

@@ -37,6 +37,15 @@ class User(SQLModel, table=True):
     tokens_valid_after_ms: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, default=0, server_default="0")
     )
+    # "user" or "admin" (the administration API and commands; docs/operations.md, "Admin").
+    role: str = Field(
+        default="user", sa_column=Column(String(16), nullable=False, default="user", server_default="user")
+    )
+    # Set while an administrator has the account disabled (ms since the epoch): no login, no token.
+    disabled_at_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # Set once the account is deleted. The row stays, without a password, so that the id (a
+    # topic level, named in other users' conversations) is never given to someone else.
+    deleted_at_ms: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class Group(SQLModel, table=True):
@@ -96,6 +105,9 @@ class StreamEventRow(SQLModel, table=True):
     conversation_id: str | None = Field(default=None, sa_column=Column(String(72), nullable=True))
     message_id: int | None = Field(default=None, sa_column=Column(_BigId, ForeignKey("messages.id"), nullable=True))
     payload: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # When the entry was appended (ms since the epoch): retention deletes a stream's oldest
+    # entries by it. Entries from before migration 0003 carry the time of that upgrade.
+    created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
 class DeviceCursor(SQLModel, table=True):
@@ -135,11 +147,38 @@ class DeviceRevocation(SQLModel, table=True):
     revoked_at_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
+class PushEvent(SQLModel, table=True):
+    """The push outbox: one row per message and recipient that had no device connected when
+    the message was stored, written in the same transaction (docs/operations.md, "Push hooks").
+    Delivered rows are deleted; ``dead`` ones stay until they expire or are queued again."""
+
+    __tablename__ = "push_outbox"
+    __table_args__ = (
+        UniqueConstraint("message_id", "recipient", name="uq_push_outbox_message_recipient"),
+        Index("ix_push_outbox_due", "state", "next_attempt_ms"),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(_BigId, primary_key=True, autoincrement=True))
+    # No foreign key: a message deleted by retention or with its sender's account leaves its
+    # event to be dropped at delivery time, instead of blocking the deletion.
+    message_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    recipient: str = Field(max_length=64)
+    created_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    # When it is due next; while a worker delivers it, when its claim lapses (then it is due again).
+    next_attempt_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: str = Field(default="pending", max_length=16)
+    """``pending`` or ``dead`` (gave up after ``push.max_attempts``)."""
+    last_error: str | None = Field(default=None, max_length=200)
+
+
 METADATA = SQLModel.metadata
 users = User.__table__  # type: ignore[attr-defined]
 # Ids are case-sensitive (they are topic levels), but two that differ only in case would be
 # one person to a reader: the database refuses the second (ASCII ids, so lower() suffices).
 Index("uq_users_user_id_lower", func.lower(users.c.user_id), unique=True)
+# Every node looks for accounts disabled since its last look, to close their connections.
+Index("ix_users_disabled_at_ms", users.c.disabled_at_ms)
 groups = Group.__table__  # type: ignore[attr-defined]
 group_members = GroupMember.__table__  # type: ignore[attr-defined]
 messages = Message.__table__  # type: ignore[attr-defined]
@@ -147,3 +186,4 @@ stream_events = StreamEventRow.__table__  # type: ignore[attr-defined]
 device_cursors = DeviceCursor.__table__  # type: ignore[attr-defined]
 conversation_marks = ConversationMark.__table__  # type: ignore[attr-defined]
 device_revocations = DeviceRevocation.__table__  # type: ignore[attr-defined]
+push_outbox = PushEvent.__table__  # type: ignore[attr-defined]

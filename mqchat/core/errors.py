@@ -13,7 +13,9 @@
     ├── NotAllowed                 not_allowed
     │   ├── NotAMember             not_a_member
     │   ├── RecallWindowPassed     recall_window_passed
-    │   └── RegistrationClosed     registration_closed
+    │   ├── RegistrationClosed     registration_closed
+    │   ├── AccountDisabled        account_disabled
+    │   └── AdminOnly              admin_only
     ├── NotFound                   not_found
     │   ├── UnknownRecipient       unknown_recipient
     │   ├── UnknownUser            unknown_user
@@ -23,7 +25,8 @@
     │   └── GroupFull              group_full
     ├── RateLimited                rate_limited          retryable, carries retry_after (seconds)
     ├── ServerBusy                 server_busy           retryable
-    └── StorageUnavailable         storage_unavailable   retryable
+    ├── StorageUnavailable         storage_unavailable   retryable
+    └── CursorExpired              cursor_expired        carries oldest_seq, latest_seq
 
 Every error has a stable ``code`` string (part of the protocol contract, see
 docs/protocol.md) and an HTTP ``status``. ``retryable`` says whether the same request
@@ -113,6 +116,18 @@ class RegistrationClosed(NotAllowed):
     code = "registration_closed"
 
 
+class AccountDisabled(NotAllowed):
+    """An administrator disabled the account: its password and its tokens are refused."""
+
+    code = "account_disabled"
+
+
+class AdminOnly(NotAllowed):
+    """An administration route, asked for by a user who is not an administrator."""
+
+    code = "admin_only"
+
+
 class NotFound(ChatError):
     code = "not_found"
     status = 404
@@ -172,6 +187,29 @@ class StorageUnavailable(ChatError):
     retryable = True
 
 
+class CursorExpired(ChatError):
+    """Events after the seq a device asked from were deleted by retention (``retention.days``).
+
+    The device must reset: everything from ``oldest_seq`` (the oldest seq still kept) to
+    ``latest_seq`` can be read, nothing before it. The two are None only when rebuilt by a
+    client from a bare code."""
+
+    code = "cursor_expired"
+    status = 410
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        oldest_seq: int | None = None,
+        latest_seq: int | None = None,
+        ref: str | None = None,
+    ) -> None:
+        super().__init__(message, ref=ref)
+        self.oldest_seq = oldest_seq
+        self.latest_seq = latest_seq
+
+
 ALL_ERRORS: tuple[type[ChatError], ...] = (
     ChatError,
     InvalidCommand,
@@ -185,6 +223,8 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     NotAMember,
     RecallWindowPassed,
     RegistrationClosed,
+    AccountDisabled,
+    AdminOnly,
     NotFound,
     UnknownRecipient,
     UnknownUser,
@@ -195,6 +235,7 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     RateLimited,
     ServerBusy,
     StorageUnavailable,
+    CursorExpired,
 )
 
 _RETRYABLE_CODES = frozenset(error.code for error in ALL_ERRORS if error.retryable)

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from mqchat.core.errors import (
     ChatError,
+    CursorExpired,
     InvalidCommand,
     InvalidJson,
     PayloadTooLarge,
@@ -317,6 +318,10 @@ class ErrorEvent(_Envelope):
     ref: str | None = None
     retry_after: float | None = None
     """Seconds to wait before retrying; only with ``rate_limited`` (absent otherwise)."""
+    oldest_seq: int | None = None
+    """Only with ``cursor_expired``: the oldest seq the stream still holds (absent otherwise)."""
+    latest_seq: int | None = None
+    """Only with ``cursor_expired``: the head of the stream (absent otherwise)."""
 
 
 class TypingEvent(_Envelope):
@@ -363,10 +368,13 @@ EVENTS: dict[str, type[Event]] = {
 _OMIT_NONE = (NewMessage, SyncResponse, TypingEvent)
 
 
+_ERROR_EXTRAS = ("retry_after", "oldest_seq", "latest_seq")
+
+
 def encode_event(event: Event | Presence) -> bytes:
-    if isinstance(event, ErrorEvent) and event.retry_after is None:
-        # ``ref`` stays (null when unknown) as it always has; ``retry_after`` only when it means something.
-        return event.model_dump_json(exclude={"retry_after"}).encode()
+    if isinstance(event, ErrorEvent):
+        # ``ref`` stays (null when unknown) as it always has; the extras only when they mean something.
+        return event.model_dump_json(exclude={name for name in _ERROR_EXTRAS if getattr(event, name) is None}).encode()
     return event.model_dump_json(exclude_none=isinstance(event, _OMIT_NONE)).encode()
 
 
@@ -386,4 +394,12 @@ def error_event(error: ChatError) -> ErrorEvent:
     retry_after = error.retry_after if isinstance(error, RateLimited) else None
     # Whatever a client sent, its error must encode: no text from it may break the reply.
     message = error.message.encode("utf-8", "replace").decode("utf-8")
-    return ErrorEvent(code=error.code, message=message, ref=_echoable(error.ref), retry_after=retry_after)
+    expired = error if isinstance(error, CursorExpired) else None
+    return ErrorEvent(
+        code=error.code,
+        message=message,
+        ref=_echoable(error.ref),
+        retry_after=retry_after,
+        oldest_seq=expired.oldest_seq if expired else None,
+        latest_seq=expired.latest_seq if expired else None,
+    )

@@ -11,6 +11,9 @@
     recall.py         recall
     conversations.py  conversations, history, unread counts
     groups.py         groups and membership
+    retention.py      the oldest stream entries and unheld messages, deleted in batches
+    admin.py          accounts and groups for administrators: roles, disabling, deleting
+    push.py           the push outbox: claiming due events, their outcomes, expiry
 
 Every transaction is a plain function of a SQLAlchemy ``Connection``; the concern classes
 are combined in ``SqlStore``, which implements ``MessageStore`` (bridge/store.py). Callers

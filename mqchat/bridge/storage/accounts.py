@@ -9,6 +9,7 @@ from sqlalchemy import Connection, and_, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from mqchat.bridge.storage.base import StoreBase
+from mqchat.bridge.store import TokenStanding
 from mqchat.bridge.tables import device_revocations, users
 from mqchat.core.errors import UserExists
 
@@ -17,8 +18,14 @@ _REVOKED_AT = select(device_revocations.c.revoked_at_ms).where(
 )
 _PASSWORD_HASH = select(users.c.password_hash).where(users.c.user_id == bindparam("uid"))
 # Runs at every MQTT CONNECT and HTTP request: one statement, built once.
-_REFUSED_UPTO = (
-    select(users.c.tokens_valid_after_ms, device_revocations.c.revoked_at_ms)
+_STANDING = (
+    select(
+        users.c.tokens_valid_after_ms,
+        device_revocations.c.revoked_at_ms,
+        users.c.role,
+        users.c.disabled_at_ms,
+        users.c.deleted_at_ms,
+    )
     .select_from(
         users.outerjoin(
             device_revocations,
@@ -60,7 +67,8 @@ class AccountsStore(StoreBase):
             return conn.execute(_PASSWORD_HASH, {"uid": user_id}).scalar_one_or_none()
 
         found = await self.db.run("get_password_hash", txn)
-        return None if found is None else str(found)
+        # A deleted account keeps its row with an empty hash: no password at all.
+        return str(found) if found else None
 
     async def revoke_device(self, user_id: str, device_id: str, at_ms: int) -> None:
         values = {"user_id": user_id, "device_id": device_id, "revoked_at_ms": at_ms}
@@ -74,15 +82,15 @@ class AccountsStore(StoreBase):
         found = await self.db.run("device_revoked_at", txn)
         return None if found is None else int(found)
 
-    async def tokens_refused_upto(self, user_id: str, device_id: str | None) -> int | None:
+    async def token_standing(self, user_id: str, device_id: str | None) -> TokenStanding | None:
         def txn(conn: Connection) -> Any:
-            return conn.execute(_REFUSED_UPTO, {"uid": user_id, "did": device_id}).one_or_none()
+            return conn.execute(_STANDING, {"uid": user_id, "did": device_id}).one_or_none()
 
-        row = await self.db.run("tokens_refused_upto", txn)
-        if row is None:
+        row = await self.db.run("token_standing", txn)
+        if row is None or row.deleted_at_ms is not None:
             return None
-        found = [int(ms) for ms in row if ms]
-        return max(found) if found else None
+        found = [int(ms) for ms in (row.tokens_valid_after_ms, row.revoked_at_ms) if ms]
+        return TokenStanding(max(found) if found else None, row.role, row.disabled_at_ms is not None)
 
     async def revoke_all_tokens(self, user_id: str, at_ms: int) -> None:
         await self.db.run("revoke_all_tokens", lambda conn: self._tokens_valid_after(conn, user_id, at_ms), write=True)

@@ -28,9 +28,10 @@ from sqlalchemy.sql.elements import ColumnElement
 from mqchat.bridge.tables import messages, stream_events, users
 
 # qmark style: SQLite only.
-_EVENT_ROW = itemgetter("user_id", "seq", "kind", "message_id", "conversation_id", "payload")
+_EVENT_ROW = itemgetter("user_id", "seq", "kind", "message_id", "conversation_id", "payload", "created_ms")
 _INSERT_EVENTS = (
-    "INSERT INTO stream_events (user_id, seq, kind, message_id, conversation_id, payload) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO stream_events (user_id, seq, kind, message_id, conversation_id, payload, created_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_HEAD = "UPDATE users SET last_seq = ? WHERE user_id = ?"
 _UPDATE_HEADS = update(users).where(users.c.user_id == bindparam("uid")).values(last_seq=bindparam("head"))

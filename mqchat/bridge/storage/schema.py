@@ -70,6 +70,11 @@ def _revision(conn: Connection) -> str | None:
     return found
 
 
+def known_revisions() -> set[str]:
+    """Every revision this code can upgrade from (or is at)."""
+    return {script.revision for script in _scripts().walk_revisions()}
+
+
 def _check_known(current: str | None, scripts: ScriptDirectory) -> None:
     known = {script.revision for script in scripts.walk_revisions()}
     if current not in (None, "legacy") and current not in known:

@@ -9,20 +9,29 @@ cannot both insert it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, func, insert, select
 
 from mqchat.bridge.storage.base import StoreBase
 from mqchat.bridge.storage.dialect import Dialect
 from mqchat.bridge.storage.groups import members_of
 from mqchat.bridge.storage.receipts import cursor
 from mqchat.bridge.storage.streams import Streams, latest, lock_covering, render, row_to_message
-from mqchat.bridge.store import SendOutcome, SendRequest, StoredMessage, StreamPage
-from mqchat.bridge.tables import messages, stream_events
-from mqchat.core.errors import ChatError, InvalidCommand, NotAMember, UnknownGroup, UnknownRecipient, UnknownUser
+from mqchat.bridge.store import OfflineHook, SendOutcome, SendRequest, StoredMessage, StreamPage
+from mqchat.bridge.tables import messages, push_outbox, stream_events
+from mqchat.core.errors import (
+    ChatError,
+    CursorExpired,
+    InvalidCommand,
+    NotAMember,
+    UnknownGroup,
+    UnknownRecipient,
+    UnknownUser,
+)
 
 _STREAM_PAGE = (
     select(stream_events.c.seq, stream_events.c.kind, stream_events.c.payload, messages)
@@ -37,12 +46,33 @@ _STREAM_PAGE = (
 )
 
 
+_OLDEST_SEQ = select(func.min(stream_events.c.seq)).where(stream_events.c.user_id == bindparam("uid"))
+
+
 def page(conn: Connection, user_id: str, since_seq: int, limit: int) -> StreamPage:
     """Up to ``limit`` entries after ``since_seq``. The head is read first and nothing past
-    it is served: every entry up to a head was committed with it, so a page has no holes."""
+    it is served: every entry up to a head was committed with it, so a page has no holes.
+
+    Retention deletes a stream's oldest entries (retention.py), never others: a page that
+    does not start right after ``since_seq`` although the head is past it asks for deleted
+    entries, and gets ``CursorExpired`` instead of a silent gap. (Checked on what was read,
+    so it costs nothing, and holds even if the pruner ran between the two statements.)"""
     head = latest(conn, user_id)
     rows = list(conn.execute(_STREAM_PAGE, {"uid": user_id, "since": since_seq, "latest": head, "limit": limit + 1}))
+    if head > since_seq and (not rows or rows[0].seq != since_seq + 1):
+        raise expired(conn, user_id, since_seq, head)
     return StreamPage(events=[render(row) for row in rows[:limit]], latest_seq=head, has_more=len(rows) > limit)
+
+
+def expired(conn: Connection, user_id: str, since_seq: int, head: int) -> CursorExpired:
+    oldest = conn.execute(_OLDEST_SEQ, {"uid": user_id}).scalar_one_or_none()
+    oldest = head + 1 if oldest is None else int(oldest)
+    return CursorExpired(
+        f"the events after seq {since_seq} up to {oldest - 1} were deleted (retention): "
+        f"reset, then read from since_seq {oldest - 1}",
+        oldest_seq=oldest,
+        latest_seq=head,
+    )
 
 
 class SendsStore(StoreBase):
@@ -59,7 +89,7 @@ class SendsStore(StoreBase):
         def txn(conn: Connection) -> list[SendOutcome | ChatError]:
             streams, members = lock_covering(conn, self.sql, lambda: read(conn), also=people)
             existing = _find_existing(conn, self.sql, requests)
-            return _BatchWriter(conn, self.sql, streams, existing, members).write(requests)
+            return _BatchWriter(conn, self.sql, streams, existing, members, self.push_hook).write(requests)
 
         return await self.db.run("save_messages", txn, write=True)
 
@@ -96,12 +126,14 @@ class _BatchWriter:
         streams: Streams,
         existing: dict[tuple[str, str], StoredMessage],
         members: dict[str, frozenset[str]],
+        push_hook: OfflineHook | None = None,
     ) -> None:
         self._conn = conn
         self._dialect = dialect
         self._streams = streams
         self._existing = existing
         self._members = members
+        self._push_hook = push_hook
 
     def write(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         results: list[SendOutcome | ChatError | None] = [None] * len(requests)
@@ -141,7 +173,8 @@ class _BatchWriter:
                 return UnknownGroup(f"no such group {request.group_id!r}", ref=ref)
             if request.sender not in members:
                 return NotAMember(f"you are not a member of {request.group_id!r}", ref=ref)
-            return [request.sender, *sorted(members - {request.sender})]
+            # A deleted account is no longer an active member; ``gone`` only matters mid-deletion.
+            return [request.sender, *sorted(members - {request.sender} - self._streams.gone)]
         if request.to_user is None:
             return InvalidCommand("give to_user or group_id", ref=ref)
         if request.to_user not in self._streams.heads:
@@ -174,4 +207,20 @@ class _BatchWriter:
             for user, seq in zip(audience, user_seqs, strict=True):
                 self._streams.add_message_entry(user, seq, message)
             outcomes.append(SendOutcome(message, False, tuple(self._streams.emitted[before:])))
+        if self._push_hook is not None:
+            self._queue_pushes(self._push_hook, stored, [audience for _, _, audience in fresh])
         return outcomes
+
+    def _queue_pushes(self, hook: OfflineHook, stored: list[StoredMessage], audiences: list[list[str]]) -> None:
+        """A push event per recipient that the hook calls offline, in this transaction: it
+        commits with the message or not at all (the sender, first in the audience, gets none)."""
+        now = time.time_ns() // 1_000_000
+        rows = [
+            {"message_id": message.id, "recipient": user, "created_ms": now, "next_attempt_ms": now}
+            for message, audience in zip(stored, audiences, strict=True)
+            for user in audience[1:]
+            if hook.offline(user)
+        ]
+        if rows:
+            self._conn.execute(insert(push_outbox), [row | {"attempts": 0, "state": "pending"} for row in rows])
+            hook.queued()

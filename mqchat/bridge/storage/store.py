@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 from mqchat.bridge.storage.accounts import AccountsStore
+from mqchat.bridge.storage.admin import AdminStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
+from mqchat.bridge.storage.push import PushStore
 from mqchat.bridge.storage.recall import RecallStore
 from mqchat.bridge.storage.receipts import ReceiptsStore
+from mqchat.bridge.storage.retention import RetentionStore
 from mqchat.bridge.storage.schema import SchemaState, migrate, state
 from mqchat.bridge.storage.sends import SendsStore
 
 
-class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, ConversationsStore, GroupsStore):
+class SqlStore(
+    AccountsStore,
+    SendsStore,
+    ReceiptsStore,
+    RecallStore,
+    ConversationsStore,
+    GroupsStore,
+    RetentionStore,
+    AdminStore,
+    PushStore,
+):
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 
     @classmethod

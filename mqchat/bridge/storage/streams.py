@@ -16,6 +16,7 @@ now needs is not locked: locks are still taken in one sorted pass, so no deadloc
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ _V = TypeVar("_V")
 # Statements that run for every send or connecting device, built once: building one per
 # call (and its cache key) cost more than SQLite took to answer it.
 LOCK_HEADS = (
-    select(users.c.user_id, users.c.last_seq)
+    select(users.c.user_id, users.c.last_seq, users.c.deleted_at_ms)
     .where(users.c.user_id.in_(bindparam("ids", expanding=True)))
     .order_by(users.c.user_id)
     .with_for_update()
@@ -86,22 +87,31 @@ def latest(conn: Connection, user_id: str) -> int:
 class Streams:
     """Appends events to locked streams inside one transaction, then writes them out."""
 
-    def __init__(self, conn: Connection, dialect: Dialect, heads: dict[str, int]) -> None:
+    def __init__(
+        self, conn: Connection, dialect: Dialect, heads: dict[str, int], gone: frozenset[str] = frozenset()
+    ) -> None:
         self._conn = conn
         self._dialect = dialect
         self.heads = heads
+        # Deleted accounts: locked like the others (their rows order writers the same way), but
+        # nothing is appended to their streams and they count as no user at all.
+        self.gone = gone
         self._start = dict(heads)
         self._rows: list[dict[str, Any]] = []
+        # One time for the whole transaction: what retention reads to tell old entries.
+        self._now_ms = time.time_ns() // 1_000_000
         self.emitted: list[tuple[str, AnyStreamEvent]] = []
         self._rendered: tuple[StoredMessage, NewMessage] | None = None
 
     @classmethod
     def lock(cls, conn: Connection, dialect: Dialect, user_ids: Iterable[str]) -> Streams:
-        """Lock the heads of these users' streams, in id order; users that do not exist are
-        left out of ``heads``."""
+        """Lock the heads of these users' streams, in id order; users that do not exist, or
+        were deleted (``gone``), are left out of ``heads``."""
         wanted = sorted(set(user_ids))
-        heads = {row.user_id: row.last_seq for row in conn.execute(LOCK_HEADS, {"ids": wanted})} if wanted else {}
-        return cls(conn, dialect, heads)
+        rows = list(conn.execute(LOCK_HEADS, {"ids": wanted})) if wanted else []
+        heads = {row.user_id: row.last_seq for row in rows if row.deleted_at_ms is None}
+        gone = frozenset(row.user_id for row in rows if row.deleted_at_ms is not None)
+        return cls(conn, dialect, heads, gone)
 
     def next_seq(self, user_id: str) -> int:
         self.heads[user_id] += 1
@@ -116,6 +126,7 @@ class Streams:
                 "message_id": message.id,
                 "conversation_id": str(message.conversation_for(user_id)),
                 "payload": None,
+                "created_ms": self._now_ms,
             }
         )
         # Rendered once per message, copied per stream: a group message lands in up to
@@ -126,7 +137,10 @@ class Streams:
         self.emitted.append((user_id, self._rendered[1].model_copy(update={"seq": seq})))
 
     def emit(self, user_id: str, event: AnyStreamEvent, conversation_id: str | None = None) -> None:
-        """Append a non-message event; ``event.seq`` is replaced by the allocated one."""
+        """Append a non-message event; ``event.seq`` is replaced by the allocated one. A deleted
+        user's stream gets nothing (a receipt for a message they sent, say)."""
+        if user_id in self.gone:
+            return
         seq = self.next_seq(user_id)
         event = event.model_copy(update={"seq": seq})
         payload = event.model_dump_json(exclude={"seq", "type"})
@@ -138,6 +152,7 @@ class Streams:
                 "message_id": None,
                 "conversation_id": conversation_id,
                 "payload": payload,
+                "created_ms": self._now_ms,
             }
         )
         self.emitted.append((user_id, event))
@@ -163,6 +178,6 @@ def lock_covering(
     _, wanted = read()
     streams = Streams.lock(conn, dialect, wanted | set(also))
     value, needed = read()
-    if not needed <= streams.heads.keys():
+    if not needed <= streams.heads.keys() | streams.gone:
         raise SetChanged
     return streams, value
