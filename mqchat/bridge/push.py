@@ -251,7 +251,7 @@ class PushService:
             "recipient": claim.recipient,
             "message_id": message.id,
             "sender": message.sender,
-            "conversation_id": message.conversation_for(claim.recipient),
+            "conversation_id": str(message.conversation_for(claim.recipient)),
             "group_id": message.group_id,
             "msg_type": message.msg_type,
             "created_at": format_time(message.created_at),

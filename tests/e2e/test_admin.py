@@ -17,8 +17,9 @@ from mqchat.cli import main
 from mqchat.config import Settings
 from mqchat.core.errors import CursorExpired
 from mqchat.runner import RunningServer
-from tests.helpers import PASSWORD, connect_device, http_client, register
 from tests.security.raw import CONNACK_ACCEPTED, connect, raw_client
+from tests.support.accounts import PASSWORD, http_client, register
+from tests.support.devices import connect_device
 
 pytestmark = pytest.mark.timeout(90)
 CONNACK_NOT_AUTHORIZED = b"\x20\x02\x00\x05"

@@ -20,8 +20,9 @@ from mqchat.bridge.storage import backup as backup_module
 from mqchat.bridge.storage.backup import BackupError
 from mqchat.bridge.store import SendOutcome, SendRequest
 from mqchat.config import Settings
-from tests.conftest import _drop_pg_database, _fresh_pg_database
-from tests.e2e.serving import ServeProcess, mqchat_serve
+from tests.support.postgres import drop_database as _drop_pg_database
+from tests.support.postgres import fresh_database as _fresh_pg_database
+from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 SENDERS = 4
@@ -45,12 +46,12 @@ async def mqchat(*args: str) -> tuple[int, str, str]:
 class Traffic:
     """Senders writing to bob over HTTP as fast as the server acks; ``acked`` grows as acks arrive."""
 
-    def __init__(self, server: ServeProcess, tokens: dict[str, str]) -> None:
+    def __init__(self, server: ServerProcess, tokens: dict[str, str]) -> None:
         self.acked: list[str] = []
         self._stop = asyncio.Event()
         self._tasks = [asyncio.create_task(self._send(server, name, token)) for name, token in tokens.items()]
 
-    async def _send(self, server: ServeProcess, name: str, token: str) -> None:
+    async def _send(self, server: ServerProcess, name: str, token: str) -> None:
         async with server.http(token) as http:
             for n in range(1_000_000):
                 if self._stop.is_set():
@@ -79,7 +80,7 @@ async def test_a_backup_under_traffic_holds_everything_acked_before_it_began(tmp
     data, backup = tmp_path / "data", tmp_path / "backups" / "mqchat.backup"
     flags = ["--data-dir", str(data), "--database-url", database_url]
     sqlite = database_url.startswith("sqlite")
-    async with mqchat_serve(data, database_url, UNLIMITED_ENV) as server:
+    async with ServerProcess(data, database_url, UNLIMITED_ENV) as server:
         await server.register("bob")
         traffic = Traffic(server, {f"s{i}": await server.register(f"s{i}") for i in range(SENDERS)})
         try:

@@ -20,8 +20,9 @@ from mqchat.bridge.store import PushClaim
 from mqchat.cli import main
 from mqchat.config import PushSettings, Settings
 from mqchat.runner import RunningServer
-from tests.e2e.serving import mqchat_serve
-from tests.helpers import UNLIMITED, connect_device, http_client, register
+from tests.support.accounts import UNLIMITED, http_client, register
+from tests.support.devices import connect_device
+from tests.support.processes import ServerProcess
 from tests.webhook import Answer, Delivery, Receiver, webhook_receiver
 
 pytestmark = pytest.mark.timeout(120)
@@ -187,7 +188,7 @@ async def test_no_event_is_lost_when_the_server_is_killed_mid_delivery(tmp_path:
         }
         data = tmp_path / "data"
         sent: set[str] = set()
-        async with mqchat_serve(data, database_url, env) as first:
+        async with ServerProcess(data, database_url, env) as first:
             alice = await first.register("alice")
             await first.register("bob")
             async with first.http(alice) as http:
@@ -205,7 +206,7 @@ async def test_no_event_is_lost_when_the_server_is_killed_mid_delivery(tmp_path:
         answers["now"] = "ok"
         store = SqlStore.from_url(database_url)
         try:
-            async with mqchat_serve(data, database_url, env):
+            async with ServerProcess(data, database_url, env):
                 # Claims held by the killed process lapse (2 x timeout + 5 s), then everything goes.
                 await hook.wait_for(lambda r: {d.headers["idempotency-key"] for d in r.accepted()} >= sent, timeout=60)
                 for _ in range(200):  # and the outbox empties as the answers are recorded

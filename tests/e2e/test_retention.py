@@ -17,7 +17,8 @@ from mqchat.bridge.retention import RetentionPruner
 from mqchat.config import Settings
 from mqchat.core.errors import CursorExpired
 from mqchat.runner import RunningServer
-from tests.helpers import Device, connect_device, http_client, register
+from tests.support.accounts import http_client, register
+from tests.support.devices import Device, connect_device
 
 pytestmark = pytest.mark.timeout(60)
 DAY_MS = 86_400_000
