@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from mqchat import __version__
+from mqchat.api.deps import ClaimsDep, ServicesDep, UserDep
 from mqchat.api.errors import install_error_handlers
+from mqchat.api.files import MULTIPART_OVERHEAD, UPLOAD_PATH, install_file_routes
 from mqchat.api.headers import SecurityHeaders
 from mqchat.api.limits import BodySizeLimit
 from mqchat.api.schemas import (
@@ -36,9 +37,8 @@ from mqchat.api.schemas import (
     TokenRequest,
     UserPublic,
 )
-from mqchat.bridge.auth import Claims
 from mqchat.bridge.composition import Services
-from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
+from mqchat.core.errors import InvalidCommand, NotFound
 from mqchat.core.ids import DeviceAddress, is_valid_id
 from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
@@ -46,34 +46,6 @@ from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck,
 HISTORY_MAX_LIMIT = 200
 STATIC_DIR = Path(__file__).parent / "static"
 """The browser page: index.html, app.js, app.css and the vendored MQTT.js (docs/clients.md)."""
-_bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/token")
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-ServicesDep = Annotated[Services, Depends(_services)]
-
-
-async def _current_claims(
-    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Claims:
-    """A valid token: signed, unexpired, and not issued before its device was revoked."""
-    if credentials is None:
-        raise NotAuthorized("missing bearer token")
-    return await services.accounts.authorize(credentials.credentials)
-
-
-ClaimsDep = Annotated[Claims, Depends(_current_claims)]
-
-
-def _current_user(claims: ClaimsDep) -> str:
-    return claims.user_id
-
-
-UserDep = Annotated[str, Depends(_current_user)]
 SinceSeq = Annotated[int, Query(ge=0, le=2**62)]
 # Ids are 64-bit in the database: a larger number must be a 422, not a driver overflow (500).
 MessageId = Annotated[int, PathParam(ge=1, le=2**62)]
@@ -102,7 +74,10 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     install_error_handlers(app)
     settings = services.settings
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.limits.http_max_body_bytes, timeout=settings.http.body_timeout_seconds
+        BodySizeLimit,
+        max_bytes=settings.limits.http_max_body_bytes,
+        timeout=settings.http.body_timeout_seconds,
+        streamed={UPLOAD_PATH: settings.files.max_bytes + MULTIPART_OVERHEAD},
     )
 
     web_config = client_config or ClientConfig.of(settings)
@@ -274,6 +249,7 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         return await services.chat.presence_of(user, user_id)
 
     _install_group_routes(app)
+    install_file_routes(app)
     return app
 
 

@@ -10,7 +10,17 @@ from mqchat.bridge.auth import MAX_PASSWORD, MIN_PASSWORD
 from mqchat.bridge.store import ConversationSummary, GroupInfo, Receipt, StoredMessage
 from mqchat.config import Settings
 from mqchat.core.ids import ID_PATTERN
-from mqchat.core.protocol import ClientMsgId, Content, MsgType, SendGroupMessage, SendMessage, format_time, storable
+from mqchat.core.protocol import (
+    Attachment,
+    Caption,
+    ClientMsgId,
+    FileId,
+    MsgType,
+    SendGroupMessage,
+    SendMessage,
+    format_time,
+    storable,
+)
 
 UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 Password = Annotated[str, StringConstraints(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)]
@@ -60,23 +70,35 @@ class SendBody(BaseModel):
     client_msg_id: ClientMsgId
     to_user: UserIdStr | None = None
     group_id: UserIdStr | None = None
-    content: Content
+    content: Caption = ""
     msg_type: MsgType = "text"
+    attachment: FileId | None = None
+    """A file id from ``POST /v1/files`` (yours); then ``content`` may be empty."""
 
     @model_validator(mode="after")
     def _one_target(self) -> SendBody:
         if (self.to_user is None) == (self.group_id is None):
             raise ValueError("give exactly one of to_user and group_id")
+        if not self.content and self.attachment is None:
+            raise ValueError("content: give a non-empty content, or an attachment")
         return self
 
     def command(self) -> SendMessage | SendGroupMessage:
         if self.group_id is not None:
             return SendGroupMessage(
-                client_msg_id=self.client_msg_id, group_id=self.group_id, content=self.content, msg_type=self.msg_type
+                client_msg_id=self.client_msg_id,
+                group_id=self.group_id,
+                content=self.content,
+                msg_type=self.msg_type,
+                attachment=self.attachment,
             )
         assert self.to_user is not None
         return SendMessage(
-            client_msg_id=self.client_msg_id, to_user=self.to_user, content=self.content, msg_type=self.msg_type
+            client_msg_id=self.client_msg_id,
+            to_user=self.to_user,
+            content=self.content,
+            msg_type=self.msg_type,
+            attachment=self.attachment,
         )
 
 
@@ -92,6 +114,7 @@ class MessagePublic(BaseModel):
     msg_type: MsgType
     created_at: str
     recalled_at: str | None = None
+    attachment: Attachment | None = None
 
     @classmethod
     def of(cls, message: StoredMessage) -> MessagePublic:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.chat import ChatService
+from mqchat.bridge.files import Attachments, LocalFileStore
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
@@ -24,6 +25,7 @@ class Services:
     accounts: Accounts
     chat: ChatService
     event_keys: EventKeys
+    files: Attachments
 
     @property
     def tokens(self) -> TokenIssuer:
@@ -50,9 +52,11 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             limits=limits,
             event_keys=event_keys,
         )
+        files_dir = settings.resolved_files_dir()
+        files = Attachments(store, LocalFileStore(files_dir), settings.files, files_dir / "thumbs")
         await chat.start()
         try:
-            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys)
+            yield Services(settings, store, Accounts(store, tokens, settings.auth), chat, event_keys, files)
         finally:
             await chat.stop()
     finally:

@@ -47,7 +47,7 @@ async def test_the_sdk_example_fails_in_one_line_when_the_names_are_taken(
             "--http-port", str(server.http_port), "--data-dir", str(tmp_path), "--password", password,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 45)
+        _, err = await asyncio.wait_for(proc.communicate(), 45)
     assert proc.returncode == 1
     assert err.decode().count("\n") == 1, err.decode()
     assert "cannot log in as 'alice'" in err.decode() and "--alice" in err.decode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mqchat.bridge.storage.accounts import AccountsStore
+from mqchat.bridge.storage.attachments import AttachmentsStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
@@ -12,7 +13,9 @@ from mqchat.bridge.storage.schema import SchemaState, migrate, state
 from mqchat.bridge.storage.sends import SendsStore
 
 
-class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, ConversationsStore, GroupsStore):
+class SqlStore(
+    AccountsStore, SendsStore, ReceiptsStore, RecallStore, ConversationsStore, GroupsStore, AttachmentsStore
+):
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 
     @classmethod
