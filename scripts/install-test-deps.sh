@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a fresh Debian machine needs besides Python 3.11+ for the whole test suite:
 #   - mosquitto-clients: the interop tests drive mosquitto_pub and mosquitto_sub;
+#   - tmux: the terminal chat is tested on a real terminal;
 #   - chromium: the browser page's and /docs' tests drive Debian's Chromium through Playwright
 #     (the Python package comes with the test extra; Playwright's own browser download is not used);
 #   - a PostgreSQL server on 127.0.0.1:5432 with a database `test` (user postgres, no password),
@@ -10,6 +11,7 @@
 set -euo pipefail
 
 missing=()
+command -v tmux >/dev/null || missing+=(tmux)
 command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from mqchat.clients.backoff import Backoff
 from mqchat.clients.errors import ClientClosed, ClientError, LoginFailed
-from mqchat.clients.http import Conversation, HttpApi, Message
+from mqchat.clients.http import Conversation, Group, HttpApi, Message
 from mqchat.clients.machine import (
     RETRYABLE_CODES,
     Action,
@@ -362,6 +362,12 @@ class ChatClient:
         return self._ready_connection() is not None
 
     @property
+    def heard_from_server(self) -> bool:
+        """Whether a ``sync_response`` from the server reached this client (every connection
+        gets one at once): a broker that is not mqchat accepts the connection but sends none."""
+        return self._machine is not None and self._machine.sync_pages > 0
+
+    @property
     def cursor(self) -> int:
         """The highest seq the application has processed (taken from ``events()`` and moved on)."""
         return self._machine.committed if self._machine is not None else 0
@@ -498,6 +504,10 @@ class ChatClient:
     async def conversations(self) -> list[Conversation]:
         """The user's conversations with unread counts (HTTP ``GET /v1/conversations``)."""
         return await self.http.conversations(await self._access_token())
+
+    async def groups(self) -> list[Group]:
+        """The groups the user is a member of (HTTP ``GET /v1/groups``)."""
+        return await self.http.groups(await self._access_token())
 
     async def history(self, conversation_id: str, *, limit: int = 50, before_id: int | None = None) -> list[Message]:
         """A page of a conversation (``user:{peer}`` or ``group:{id}``), newest first."""

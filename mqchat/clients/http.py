@@ -77,6 +77,18 @@ class Conversation:
 
 
 @dataclass(frozen=True, slots=True)
+class Group:
+    group_id: str
+    name: str
+    owner: str
+    members: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Group:
+        return cls(str(data["group_id"]), str(data["name"]), str(data["owner"]), tuple(data["members"]))
+
+
+@dataclass(frozen=True, slots=True)
 class Session:
     """What a login gives: the access token, and the user's event key (docs/protocol.md,
     "Event signatures"); None from a server that does not sign events."""
@@ -119,6 +131,11 @@ class HttpApi:
     async def conversations(self, token: str, limit: int = 100) -> list[Conversation]:
         answer = await self.request("GET", f"/v1/conversations?limit={limit}", token=token)
         return [Conversation.from_json(item) for item in answer["conversations"]]
+
+    async def groups(self, token: str) -> list[Group]:
+        """The groups the user is an active member of (``GET /v1/groups``)."""
+        answer = await self.request("GET", "/v1/groups", token=token)
+        return [Group.from_json(item) for item in answer["groups"]]
 
     async def history(
         self, token: str, conversation_id: str, *, limit: int = 50, before_id: int | None = None
