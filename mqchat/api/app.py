@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from mqchat import __version__
@@ -44,6 +44,21 @@ from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
 HISTORY_MAX_LIMIT = 200
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>mqchat API</title>
+<link rel="stylesheet" href="/static/vendor/swagger-ui/swagger-ui.css">
+<link rel="icon" type="image/png" href="/static/vendor/swagger-ui/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/static/vendor/swagger-ui/swagger-ui-bundle.js"></script>
+<script src="/static/docs.js"></script>
+</body>
+</html>
+"""
 STATIC_DIR = Path(__file__).parent / "static"
 """The browser page: index.html, app.js, app.css and the vendored MQTT.js (docs/clients.md)."""
 SinceSeq = Annotated[int, Query(ge=0, le=2**62)]
@@ -69,6 +84,10 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         title="mqchat",
         version=__version__,
         description="HTTP face of mqchat. The MQTT protocol is in docs/protocol.md.",
+        # FastAPI's own /docs and /redoc load their scripts from a CDN: /docs is served below
+        # from the vendored Swagger UI instead, so it works without internet.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = services
     install_error_handlers(app)
@@ -89,6 +108,11 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Swagger UI, from the package (static/vendor/swagger-ui, vendored by scripts/build-web.sh)."""
+        return HTMLResponse(DOCS_PAGE, headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/client-config", tags=["ops"])
     async def client_config_route() -> ClientConfig:
