@@ -38,7 +38,7 @@ from mqchat.api.schemas import (
     UserPublic,
 )
 from mqchat.bridge.composition import Services
-from mqchat.core.errors import InvalidCommand, NotFound
+from mqchat.core.errors import InvalidCommand, NotFound, UnknownUser
 from mqchat.core.ids import DeviceAddress, is_valid_id
 from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
@@ -99,7 +99,12 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         streamed={UPLOAD_PATH: settings.files.max_bytes + MULTIPART_OVERHEAD},
     )
 
-    web_config = client_config or ClientConfig.of(settings)
+    web_config = (client_config or ClientConfig.of(settings)).model_copy(
+        update={
+            "recall_window_seconds": settings.bridge.recall_window_seconds,
+            "max_file_bytes": settings.files.max_bytes,
+        }
+    )
     # Added last, so outermost: the 413 and 408 of BodySizeLimit get the headers too.
     app.add_middleware(SecurityHeaders, client_config=web_config)
 
@@ -266,6 +271,14 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
             raise NotFound(f"message {body.message_id} is not in {conversation_id}")
         await services.chat.mark_read(user, body.message_id)
         return Response(status_code=204)
+
+    @app.get("/v1/users/{user_id}", tags=["accounts"], responses={404: {"description": "No such user"}})
+    async def user_exists(user_id: str, user: UserDep, services: ServicesDep) -> UserPublic:
+        """Whether ``user_id`` is a registered user (404 ``unknown_user`` if not): a client checks
+        it before it opens a chat, rather than learn it from the first send."""
+        if not is_valid_id(user_id) or await services.store.get_password_hash(user_id) is None:
+            raise UnknownUser(f"no such user {user_id!r}")
+        return UserPublic(user_id=user_id)
 
     @app.get("/v1/users/{user_id}/presence", tags=["presence"])
     async def presence(user_id: str, user: UserDep, services: ServicesDep) -> Presence:

@@ -222,6 +222,10 @@ class ClientConfig(BaseModel):
     """MQTT over secure WebSocket (``wss://``), with TLS configured."""
     ws_path: str = "/mqtt"
     """The path to connect to (the broker accepts any; this is the convention)."""
+    recall_window_seconds: float | None = None
+    """How long after sending a message its sender may recall it (``bridge.recall_window_seconds``)."""
+    max_file_bytes: int | None = None
+    """The largest upload ``POST /v1/files`` takes (``files.max_bytes``)."""
 
     @classmethod
     def of(cls, settings: Settings) -> ClientConfig:
