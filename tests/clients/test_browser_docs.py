@@ -16,7 +16,7 @@ with contextlib.suppress(ImportError):  # the fixtures report it
 pytestmark = pytest.mark.browser
 
 
-async def test_the_api_docs_render_with_the_network_blocked(browser: Browser, server: RunningServer) -> None:  # noqa: F811
+async def test_the_api_docs_render_with_the_network_blocked(browser: Browser, server: RunningServer) -> None:
     context = await browser.new_context()
     blocked: list[str] = []
     local = re.compile(r"^(https?|wss?)://(127\.0\.0\.1|localhost)(:\d+)?/")

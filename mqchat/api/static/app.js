@@ -500,6 +500,7 @@ function apply(event) {
       else stopTypingOf(conversationOf(message), message.from_user); // their message ends their typing
       if (conversationOf(message) === state.open) {
         state.messages.set(message.server_msg_id, message);
+        watchAgain();
         later("read", 0, maybeMarkRead);
       }
       break;
@@ -600,8 +601,17 @@ function dropFromOutbox(clientMsgId) {
   return entry;
 }
 
+/** A first message makes two users contacts: the presence subscription refused before may pass now. */
+function watchAgain() {
+  const topics = state.watched;
+  if (!topics.some((t) => t.startsWith("chat/presence/")) || state.presence.has(splitConversation(state.open)[1])) return;
+  state.watched = [];
+  watch(topics);
+}
+
 function onMessageAck(ack) {
   const entry = dropFromOutbox(ack.client_msg_id);
+  if (entry?.conversation_id === state.open) watchAgain();
   if (entry && entry.conversation_id === state.open && !state.messages.has(ack.server_msg_id)) {
     const [kind, target] = splitConversation(entry.conversation_id);
     state.messages.set(ack.server_msg_id, {
@@ -917,7 +927,7 @@ function renderHeader() {
 
 // ---------------------------------------------------------------------------------- rendering
 
-const TICKS = { pending: "\u{1F551}", failed: "failed", sent: "\u2713", delivered: "\u2713\u2713", read: "\u2713\u2713" };
+const TICKS = { pending: "sending…", failed: "failed", sent: "\u2713", delivered: "\u2713\u2713", read: "\u2713\u2713" };
 
 function localDay(iso) {
   const d = new Date(iso);
