@@ -6,7 +6,9 @@ Run it against a server (``mqchat serve``)::
     python examples/sdk_chat.py --server 127.0.0.1 --mqtt-port 1883 --http-port 8080
 
 It creates the two accounts the first time (POST /v1/users) and keeps each client's outbox
-and cursor in ``--data-dir`` (a temporary directory by default).
+and cursor in ``--data-dir`` (a temporary directory by default). When the names are taken with
+other passwords (the README's walkthrough creates alice and bob), pass other ones:
+``--alice carol --bob dave``; it then stops with one line saying so.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import sys
 import tempfile
 from pathlib import Path
 
 from mqchat.clients import ChatClient, HttpApi
-from mqchat.core.errors import UserExists
+from mqchat.clients.errors import ApiUnavailable
+from mqchat.core.errors import ChatError, UserExists
 from mqchat.core.protocol import MessageRead, NewMessage
 
 
@@ -27,6 +31,13 @@ async def main(args: argparse.Namespace, data_dir: Path) -> None:
     for user in (args.alice, args.bob):
         with contextlib.suppress(UserExists):  # a second run
             await http.register(user, args.password)
+        try:
+            await http.login(user, args.password)
+        except ChatError as exc:
+            raise SystemExit(
+                f"sdk_chat: cannot log in as {user!r} ({exc.message}); the name is probably taken with "
+                "another password: pass unused names, e.g. --alice carol --bob dave, or --password"
+            ) from None
 
     def client(user: str) -> ChatClient:
         return ChatClient(
@@ -72,4 +83,7 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", type=Path)
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        asyncio.run(main(options, options.data_dir or Path(scratch)))
+        try:
+            asyncio.run(main(options, options.data_dir or Path(scratch)))
+        except ApiUnavailable as exc:
+            sys.exit(f"sdk_chat: no mqchat HTTP API at {options.server}:{options.http_port} ({exc}); pass --http-port")

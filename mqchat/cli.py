@@ -1,4 +1,4 @@
-"""``mqchat serve | user ... | group list|show | push status|requeue | backup | restore | token | db | bench``."""
+"""``mqchat serve | user ... | group ... | push ... | backup | restore | token | db | bench | chat``."""
 
 from __future__ import annotations
 
@@ -150,6 +150,22 @@ def _settings(args: argparse.Namespace) -> Settings:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+
+
+def _missing_data_dir(command: str, settings: Settings) -> str | None:
+    """Why a command other than ``serve`` cannot run here: it needs a data dir that does not
+    exist. Run from another folder, ``mqchat token alice`` used to create an empty
+    ``./mqchat-data`` and answer "no such user"."""
+    if command == "serve" or settings.data_dir.is_dir():
+        return None
+    needs_it = settings.database_url is None or (command != "db" and not settings.auth.secret)
+    if not needs_it:
+        return None
+    return (
+        f"the data directory {settings.data_dir} ({settings.data_dir.resolve()}) does not exist; "
+        "run this where `mqchat serve` keeps its data, or pass --data-dir (or set MQCHAT_DATA_DIR); "
+        "`mqchat serve` creates it"
+    )
 
 
 class ConfigError(Exception):
@@ -386,6 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
+        return 2
+    missing = _missing_data_dir(args.command, settings)
+    if missing:
+        print(f"mqchat: {missing}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection at INFO; keep our INFO readable.

@@ -261,6 +261,49 @@ class ClusterSettings(_Section):
     the change's invalidation was lost."""
 
 
+DEFAULT_FILE_TYPES = [
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "application/pdf",
+    "text/plain",
+    "video/mp4",
+    "video/webm",
+    "audio/mpeg",
+    "audio/ogg",
+    "application/zip",
+]
+
+
+class FilesSettings(_Section):
+    """Attachments: ``POST /v1/files`` and the files messages carry (docs/protocol.md, "Files")."""
+
+    directory: Path | None = None
+    """Where uploaded files are kept, by content hash. Unset: ``{data_dir}/files``."""
+    max_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    """Largest file; a larger upload gets 413 ``file_too_large`` and nothing of it is kept."""
+    allowed_types: list[str] = Field(default_factory=lambda: list(DEFAULT_FILE_TYPES))
+    """Content types accepted, as detected from the bytes (what the client claims is ignored).
+    Those the server recognises: the defaults. Others get 415 ``unsupported_file_type``."""
+    upload_timeout_seconds: float = Field(default=300, gt=0)
+    """An upload must arrive whole within this time of its request head: 408 ``request_timeout``."""
+    unsent_ttl_seconds: float = Field(default=24 * 3600, gt=0)
+    """An upload that no message carries is deleted after this long (``gc_interval_seconds``)."""
+    gc_interval_seconds: float = Field(default=3600, gt=0)
+    """How often ``mqchat serve`` deletes the uploads that were never sent."""
+    thumbnail_px: int = Field(default=320, ge=16, le=2048)
+    """The longer side of an image's thumbnail (``GET /v1/files/{id}/thumbnail``)."""
+
+    @field_validator("allowed_types")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(DEFAULT_FILE_TYPES))
+        if unknown:
+            raise ValueError(f"mqchat cannot recognise {unknown} from their bytes; known: {DEFAULT_FILE_TYPES}")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MQCHAT_",
@@ -288,6 +331,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = TlsSettings()
     retention: RetentionSettings = RetentionSettings()
     push: PushSettings = PushSettings()
+    files: FilesSettings = FilesSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -320,6 +364,9 @@ class Settings(BaseSettings):
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.data_dir.stat().st_mode & 0o077:
             self.data_dir.chmod(0o700)
+
+    def resolved_files_dir(self) -> Path:
+        return self.files.directory or self.data_dir / "files"
 
     def resolved_secret(self) -> str:
         """The token signing key: configured, or generated once and kept in the data dir."""

@@ -249,6 +249,8 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             await host.start()
             services.chat.attach(broker)
             await services.ops.start()
+            # Deletes the uploads no message carries, every files.gc_interval_seconds.
+            collector = asyncio.create_task(services.files.run_collector(), name="mqchat-files-gc")
             try:
                 # The browser page learns the bound ports (they differ from the settings with port 0).
                 client_config = ClientConfig(ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss"))
@@ -259,6 +261,9 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                         )
                     yield _running(services, broker, http_socks)
             finally:
+                collector.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collector
                 await services.ops.stop()
                 services.chat.attach(None)
                 await broker.close()

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from mqchat import __version__
 from mqchat.api.admin import install_admin_routes
+from mqchat.api.deps import ClaimsDep, ServicesDep, UserDep
 from mqchat.api.errors import install_error_handlers
+from mqchat.api.files import MULTIPART_OVERHEAD, UPLOAD_PATH, install_file_routes
 from mqchat.api.headers import SecurityHeaders
 from mqchat.api.limits import BodySizeLimit
 from mqchat.api.schemas import (
@@ -37,44 +38,30 @@ from mqchat.api.schemas import (
     TokenRequest,
     UserPublic,
 )
-from mqchat.bridge.auth import Claims
 from mqchat.bridge.composition import Services
-from mqchat.core.errors import NotAuthorized, NotFound
-from mqchat.core.ids import ConversationId, DeviceAddress, check_id
+from mqchat.core.errors import NotFound, UnknownUser
+from mqchat.core.ids import ConversationId, DeviceAddress, check_id, is_valid_id
 from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
 
 HISTORY_MAX_LIMIT = 200
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>mqchat API</title>
+<link rel="stylesheet" href="/static/vendor/swagger-ui/swagger-ui.css">
+<link rel="icon" type="image/png" href="/static/vendor/swagger-ui/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/static/vendor/swagger-ui/swagger-ui-bundle.js"></script>
+<script src="/static/docs.js"></script>
+</body>
+</html>
+"""
 STATIC_DIR = Path(__file__).parent / "static"
 """The browser page: index.html, app.js, app.css and the vendored MQTT.js (docs/clients.md)."""
-_bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/token")
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
-
-
-ServicesDep = Annotated[Services, Depends(_services)]
-
-
-async def _current_claims(
-    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Claims:
-    """A valid token: signed, unexpired, and not issued before its device was revoked."""
-    if credentials is None:
-        raise NotAuthorized("missing bearer token")
-    return await services.accounts.authorize(credentials.credentials)
-
-
-ClaimsDep = Annotated[Claims, Depends(_current_claims)]
-
-
-def _current_user(claims: ClaimsDep) -> str:
-    return claims.user_id
-
-
-UserDep = Annotated[str, Depends(_current_user)]
 SinceSeq = Annotated[int, Query(ge=0, le=2**62)]
 # Ids are 64-bit in the database: a larger number must be a 422, not a driver overflow (500).
 MessageId = Annotated[int, PathParam(ge=1, le=2**62)]
@@ -91,15 +78,27 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         title="mqchat",
         version=__version__,
         description="HTTP face of mqchat. The MQTT protocol is in docs/protocol.md.",
+        # FastAPI's own /docs and /redoc load their scripts from a CDN: /docs is served below
+        # from the vendored Swagger UI instead, so it works without internet.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = services
     install_error_handlers(app)
     settings = services.settings
     app.add_middleware(
-        BodySizeLimit, max_bytes=settings.limits.http_max_body_bytes, timeout=settings.http.body_timeout_seconds
+        BodySizeLimit,
+        max_bytes=settings.limits.http_max_body_bytes,
+        timeout=settings.http.body_timeout_seconds,
+        streamed={UPLOAD_PATH: settings.files.max_bytes + MULTIPART_OVERHEAD},
     )
 
-    web_config = client_config or ClientConfig.of(settings)
+    web_config = (client_config or ClientConfig.of(settings)).model_copy(
+        update={
+            "recall_window_seconds": settings.bridge.recall_window_seconds,
+            "max_file_bytes": settings.files.max_bytes,
+        }
+    )
     # Added last, so outermost: the 413 and 408 of BodySizeLimit get the headers too.
     app.add_middleware(SecurityHeaders, client_config=web_config)
 
@@ -108,6 +107,11 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Swagger UI, from the package (static/vendor/swagger-ui, vendored by scripts/build-web.sh)."""
+        return HTMLResponse(DOCS_PAGE, headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/client-config", tags=["ops"])
     async def client_config_route() -> ClientConfig:
@@ -260,6 +264,14 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         await services.chat.mark_read(user, body.message_id)
         return Response(status_code=204)
 
+    @app.get("/v1/users/{user_id}", tags=["accounts"], responses={404: {"description": "No such user"}})
+    async def user_exists(user_id: str, user: UserDep, services: ServicesDep) -> UserPublic:
+        """Whether ``user_id`` is a registered user (404 ``unknown_user`` if not): a client checks
+        it before it opens a chat, rather than learn it from the first send."""
+        if not is_valid_id(user_id) or await services.store.get_password_hash(user_id) is None:
+            raise UnknownUser(f"no such user {user_id!r}")
+        return UserPublic(user_id=user_id)
+
     @app.get("/v1/users/{user_id}/presence", tags=["presence"])
     async def presence(user_id: str, user: UserDep, services: ServicesDep) -> Presence:
         """For users who share a conversation or a group with ``user_id``."""
@@ -267,6 +279,7 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
 
     _install_group_routes(app)
     install_admin_routes(app)
+    install_file_routes(app)
     return app
 
 

@@ -13,8 +13,9 @@ HTML or script), ``Referrer-Policy: no-referrer`` and ``X-Frame-Options: DENY``.
   request's ``Host`` (which is ``location.host`` in the browser) and the bound ports.
   ``worker-src blob:``: the vendored MQTT.js runs its keep-alive timers in a Worker made
   from a Blob (worker-timers), so that a background tab does not miss its PINGREQs.
-- FastAPI's ``/docs`` and ``/redoc`` load Swagger UI and ReDoc from a CDN with inline
-  script: they get only ``frame-ancestors 'none'``.
+- ``/docs``: Swagger UI from the package (static/vendor/swagger-ui), nothing from elsewhere:
+  its own scripts only, no inline script; inline styles are allowed (Swagger UI sets style
+  attributes), and ``data:`` images (its icons). ``/redoc`` is not served.
 - everything else (the JSON API): ``default-src 'none'; frame-ancestors 'none'``.
 """
 
@@ -37,9 +38,12 @@ PAGE_POLICY = (
     "connect-src 'self'{websockets}; worker-src 'self' blob:; object-src 'none'; frame-ancestors 'none'; "
     "base-uri 'none'; form-action 'self'"
 )
-DOCS_POLICY = "frame-ancestors 'none'"
+DOCS_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 API_POLICY = "default-src 'none'; frame-ancestors 'none'"
-DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+DOCS_PATHS = frozenset({"/docs"})
 
 # A host name, IPv4 address or bracketed IPv6 address, then an optional port: nothing that
 # could end the directive (``;``, ``,``, spaces) gets from the Host header into the policy.

@@ -22,16 +22,28 @@ class BodySizeLimit:
     has its own deadline, in ``mqchat.api.http11``).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, timeout: float = 30.0, streamed: dict[str, int] | None = None
+    ) -> None:
         self._app = app
         self._max = max_bytes
         self._timeout = timeout
+        self._streamed = streamed or {}
+        """Paths whose handler reads the body as it comes, with its own limits (uploads):
+        only a declared ``Content-Length`` over their limit is refused here."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
         declared = dict(scope.get("headers", ())).get(b"content-length")
+        streamed_max = self._streamed.get(scope["path"]) if scope.get("method") == "POST" else None
+        if streamed_max is not None:
+            if declared is not None and (not declared.isdigit() or int(declared) > streamed_max):
+                await self._refuse(scope, receive, send, limit=streamed_max)
+                return
+            await self._app(scope, receive, send)
+            return
         if declared is not None and (not declared.isdigit() or int(declared) > self._max):
             await self._refuse(scope, receive, send)
             return
@@ -67,8 +79,13 @@ class BodySizeLimit:
             if not message.get("more_body", False):
                 return False
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, *, drained: bool = False) -> None:
-        body = error_body("payload_too_large", f"the request body is larger than {self._max} bytes")
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, *, drained: bool = False, limit: int | None = None
+    ) -> None:
+        if limit is not None:
+            body = error_body("file_too_large", f"the upload is larger than {limit} bytes (files.max_bytes)")
+        else:
+            body = error_body("payload_too_large", f"the request body is larger than {self._max} bytes")
         # Unless the rest of the body was read, the connection cannot carry another request.
         headers = None if drained else {"Connection": "close"}
         await JSONResponse(body, status_code=413, headers=headers)(scope, receive, send)

@@ -10,8 +10,10 @@ from mqchat.bridge.auth import MAX_PASSWORD, MIN_PASSWORD
 from mqchat.bridge.store import ConversationSummary, GroupInfo, Receipt, StoredMessage
 from mqchat.config import Settings
 from mqchat.core.protocol import (
+    Attachment,
+    Caption,
     ClientMsgId,
-    Content,
+    FileId,
     MsgType,
     SendGroupMessage,
     SendMessage,
@@ -68,22 +70,34 @@ class SendBody(BaseModel):
     client_msg_id: ClientMsgId
     to_user: UserIdStr | None = None
     group_id: UserIdStr | None = None
-    content: Content
+    content: Caption = ""
     msg_type: MsgType = "text"
+    attachment: FileId | None = None
+    """A file id from ``POST /v1/files`` (yours); then ``content`` may be empty."""
 
     @model_validator(mode="after")
     def _one_target(self) -> SendBody:
         one_target(self.to_user, self.group_id)
+        if not self.content and self.attachment is None:
+            raise ValueError("content: give a non-empty content, or an attachment")
         return self
 
     def command(self) -> SendMessage | SendGroupMessage:
         if self.group_id is not None:
             return SendGroupMessage(
-                client_msg_id=self.client_msg_id, group_id=self.group_id, content=self.content, msg_type=self.msg_type
+                client_msg_id=self.client_msg_id,
+                group_id=self.group_id,
+                content=self.content,
+                msg_type=self.msg_type,
+                attachment=self.attachment,
             )
         assert self.to_user is not None
         return SendMessage(
-            client_msg_id=self.client_msg_id, to_user=self.to_user, content=self.content, msg_type=self.msg_type
+            client_msg_id=self.client_msg_id,
+            to_user=self.to_user,
+            content=self.content,
+            msg_type=self.msg_type,
+            attachment=self.attachment,
         )
 
 
@@ -99,6 +113,7 @@ class MessagePublic(BaseModel):
     msg_type: MsgType
     created_at: str
     recalled_at: str | None = None
+    attachment: Attachment | None = None
 
     @classmethod
     def of(cls, message: StoredMessage) -> MessagePublic:
@@ -206,6 +221,10 @@ class ClientConfig(BaseModel):
     """MQTT over secure WebSocket (``wss://``), with TLS configured."""
     ws_path: str = "/mqtt"
     """The path to connect to (the broker accepts any; this is the convention)."""
+    recall_window_seconds: float | None = None
+    """How long after sending a message its sender may recall it (``bridge.recall_window_seconds``)."""
+    max_file_bytes: int | None = None
+    """The largest upload ``POST /v1/files`` takes (``files.max_bytes``)."""
 
     @classmethod
     def of(cls, settings: Settings) -> ClientConfig:

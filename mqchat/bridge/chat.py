@@ -81,9 +81,16 @@ def _ack_for(outcome: SendOutcome) -> MessageAck:
 
 
 def _request(sender: str, command: AnySend) -> SendRequest:
+    file_id = command.attachment
     if isinstance(command, SendGroupMessage):
-        return SendRequest(sender, command.client_msg_id, command.content, command.msg_type, group_id=command.group_id)
-    return SendRequest(sender, command.client_msg_id, command.content, command.msg_type, to_user=command.to_user)
+        return SendRequest(
+            sender, command.client_msg_id, command.content, command.msg_type, group_id=command.group_id,
+            attachment_id=file_id,
+        )  # fmt: skip
+    return SendRequest(
+        sender, command.client_msg_id, command.content, command.msg_type, to_user=command.to_user,
+        attachment_id=file_id,
+    )  # fmt: skip
 
 
 class _Limits:

@@ -16,6 +16,7 @@ from mqchat.bridge.admin import Administration
 from mqchat.bridge.auth import Accounts, EventKeys, TokenIssuer
 from mqchat.bridge.chat import ChatService
 from mqchat.bridge.cluster import RedisCluster
+from mqchat.bridge.files import Attachments, LocalFileStore
 from mqchat.bridge.operations import Operations
 from mqchat.bridge.push import PushHook, PushService
 from mqchat.bridge.retention import RetentionPruner
@@ -34,6 +35,7 @@ class Services:
     event_keys: EventKeys
     ops: Operations
     """Retention, push hooks, administration (background tasks started by ``run_server``)."""
+    files: Attachments
 
     @property
     def tokens(self) -> TokenIssuer:
@@ -92,9 +94,11 @@ async def _services(settings: Settings, url: str, *, serve: bool) -> AsyncIterat
             Administration(sql, accounts, chat, batch_size=settings.retention.batch_size),
             push,
         )
+        files_dir = settings.resolved_files_dir()
+        files = Attachments(store, LocalFileStore(files_dir), settings.files, files_dir / "thumbs")
         await chat.start()
         try:
-            yield Services(settings, store, accounts, chat, event_keys, ops)
+            yield Services(settings, store, accounts, chat, event_keys, ops, files)
         finally:
             await ops.stop()
             await chat.stop()

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from mqchat.core.errors import ChatError
 from mqchat.core.ids import ConversationId
-from mqchat.core.protocol import AnyStreamEvent, MsgType, format_time
+from mqchat.core.protocol import AnyStreamEvent, Attachment, MsgType, format_time
 
 Emitted = tuple[tuple[str, AnyStreamEvent], ...]
 """(user_id, event) pairs: new entries of users' streams, in seq order per user."""
@@ -29,6 +29,8 @@ class SendRequest:
     msg_type: MsgType
     to_user: str | None = None
     group_id: str | None = None
+    attachment_id: str | None = None
+    """A file the sender uploaded; the store refuses the send (``unknown_file``) otherwise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,7 @@ class StoredMessage:
     sender_seq: int
     created_at: datetime
     recalled_at: datetime | None = None
+    attachment: Attachment | None = None
 
     def conversation_for(self, viewer: str) -> ConversationId:
         """The conversation as ``viewer`` sees it: ``group:{id}`` or ``user:{the other}``."""
@@ -51,9 +54,10 @@ class StoredMessage:
     def public_fields(self) -> dict[str, Any]:
         """The message as clients see it, the one definition of its rendering: the fields of
         a ``new_message`` event (without ``seq``) and of the HTTP API's ``MessagePublic``.
-        A recalled message is a tombstone: no content, with ``recalled_at``."""
+        A recalled message is a tombstone: no content and no attachment, with ``recalled_at``."""
         recalled = self.recalled_at is not None
         return {
+            "attachment": None if recalled else self.attachment,
             "server_msg_id": self.id,
             "client_msg_id": self.client_msg_id,
             "from_user": self.sender,
@@ -98,6 +102,31 @@ class GroupInfo:
     owner: str
     members: tuple[str, ...]
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """An uploaded file: who uploaded it, what it is, and the hash its bytes are kept under."""
+
+    file_id: str
+    owner: str
+    name: str
+    size: int
+    content_type: str
+    sha256: str
+    created_at: datetime
+    width: int | None = None
+    height: int | None = None
+
+    def public(self) -> Attachment:
+        return Attachment(
+            id=self.file_id,
+            name=self.name,
+            size=self.size,
+            content_type=self.content_type,
+            width=self.width,
+            height=self.height,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +237,23 @@ class AccountStore(Protocol):
         """Create many users at once, skipping ids that exist (benchmarks and imports)."""
 
 
-class MessageStore(AccountStore, Protocol):
+class FileRecords(Protocol):
+    """The records of uploaded files (their bytes are in a ``FileStore``, bridge/files.py)."""
+
+    async def add_file(self, record: StoredFile) -> None: ...
+
+    async def readable_file(self, user_id: str, file_id: str) -> StoredFile | None:
+        """The file if ``user_id`` uploaded it or has a message carrying it in their stream
+        (the conversation's participants, group members at the time of the message)."""
+
+    async def delete_unsent_files(self, uploaded_before: datetime) -> list[StoredFile]:
+        """Delete the records of files uploaded before then that no message carries; returns them."""
+
+    async def file_hash_in_use(self, sha256: str) -> bool:
+        """Whether any file record still points at these bytes."""
+
+
+class MessageStore(AccountStore, FileRecords, Protocol):
     async def create_schema(self) -> None: ...
 
     async def close(self) -> None: ...

@@ -86,6 +86,30 @@ class Message(SQLModel, table=True):
     created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     # A recalled message is kept for audit; history and sync stop serving its content.
     recalled_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    # The file the message carries (``files.file_id``; indexed: downloads are authorized by it),
+    # and its public description as JSON, copied in when the message is stored (a file never
+    # changes), so that rendering a message needs no join.
+    attachment_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True, index=True))
+    attachment: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class FileRow(SQLModel, table=True):
+    """An uploaded file. The bytes live in the ``FileStore`` under ``sha256`` (several uploads of
+    the same bytes share them). One that no message carries is deleted after
+    ``files.unsent_ttl_seconds``."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_created_at", "created_at"),)
+
+    file_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(max_length=64, foreign_key="users.user_id")
+    name: str = Field(max_length=255)
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    content_type: str = Field(max_length=100)
+    sha256: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    width: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    height: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
 class StreamEventRow(SQLModel, table=True):
@@ -187,3 +211,4 @@ device_cursors = DeviceCursor.__table__  # type: ignore[attr-defined]
 conversation_marks = ConversationMark.__table__  # type: ignore[attr-defined]
 device_revocations = DeviceRevocation.__table__  # type: ignore[attr-defined]
 push_outbox = PushEvent.__table__  # type: ignore[attr-defined]
+files = FileRow.__table__  # type: ignore[attr-defined]

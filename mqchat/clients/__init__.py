@@ -8,7 +8,7 @@ server (no FastAPI, SQLAlchemy or amqtt). Guide: docs/clients.md.
 from mqchat.clients.backoff import Backoff
 from mqchat.clients.client import RETRYABLE_CODES, ChatClient
 from mqchat.clients.errors import ApiUnavailable, ClientClosed, ClientError, LoginFailed, StoreInUse
-from mqchat.clients.http import Conversation, HttpApi, Message
+from mqchat.clients.http import Conversation, Group, HttpApi, Message
 from mqchat.clients.store import OutboxEntry
 from mqchat.clients.sync import SyncChatClient
 
@@ -20,6 +20,7 @@ __all__ = [
     "ClientClosed",
     "ClientError",
     "Conversation",
+    "Group",
     "HttpApi",
     "LoginFailed",
     "Message",

@@ -41,7 +41,7 @@ from pydantic import ValidationError
 
 from mqchat.clients.backoff import Backoff
 from mqchat.clients.errors import ClientClosed, ClientError, LoginFailed
-from mqchat.clients.http import Conversation, HttpApi, Message
+from mqchat.clients.http import Conversation, Group, HttpApi, Message
 from mqchat.clients.machine import (
     RETRYABLE_CODES,
     Action,
@@ -65,6 +65,7 @@ from mqchat.core.protocol import (
     MAX_PAYLOAD_BYTES,
     Ack,
     AnyStreamEvent,
+    Attachment,
     MarkAsRead,
     MessageAck,
     MsgType,
@@ -361,6 +362,12 @@ class ChatClient:
         return self._ready_connection() is not None
 
     @property
+    def heard_from_server(self) -> bool:
+        """Whether a ``sync_response`` from the server reached this client (every connection
+        gets one at once): a broker that is not mqchat accepts the connection but sends none."""
+        return self._machine is not None and self._machine.sync_pages > 0
+
+    @property
     def cursor(self) -> int:
         """The highest seq the application has processed (taken from ``events()`` and moved on)."""
         return self._machine.committed if self._machine is not None else 0
@@ -383,23 +390,63 @@ class ChatClient:
 
     # ---------------------------------------------------------------- messaging
 
-    async def send(self, to_user: str, content: str, *, msg_type: MsgType = "text") -> MessageAck:
+    async def send(
+        self, to_user: str, content: str = "", *, msg_type: MsgType = "text", attachment: str | Path | None = None
+    ) -> MessageAck:
         """Send a 1:1 message; returns its ``message_ack`` (the message is stored).
 
         The message is in the local outbox when this coroutine first yields, and stays there
         until acknowledged, across reconnects and restarts of the application. Cancelling the
         call (e.g. a timeout) does not take it out. A final refusal by the server (unknown
         recipient, invalid content ...) raises that error as a ``ChatError`` subclass.
-        """
-        return await self._send(
-            _build(SendMessage, client_msg_id=_new_id(), to_user=to_user, content=content, msg_type=msg_type)
-        )
 
-    async def send_to_group(self, group_id: str, content: str, *, msg_type: MsgType = "text") -> MessageAck:
-        """Send to a group the user is a member of; otherwise as ``send()``."""
+        ``attachment``: a file to send with it (``content`` is then its caption and may be
+        empty). It is uploaded first (``POST /v1/files``, which needs the HTTP API to be
+        reachable); only then does the message enter the outbox.
+        """
+        file_id = await self._attach(attachment)
         return await self._send(
-            _build(SendGroupMessage, client_msg_id=_new_id(), group_id=group_id, content=content, msg_type=msg_type)
-        )
+            _build(
+                SendMessage, client_msg_id=_new_id(), to_user=to_user, content=content, msg_type=msg_type,
+                attachment=file_id,
+            )
+        )  # fmt: skip
+
+    async def send_to_group(
+        self, group_id: str, content: str = "", *, msg_type: MsgType = "text", attachment: str | Path | None = None
+    ) -> MessageAck:
+        """Send to a group the user is a member of; otherwise as ``send()``."""
+        file_id = await self._attach(attachment)
+        return await self._send(
+            _build(
+                SendGroupMessage, client_msg_id=_new_id(), group_id=group_id, content=content, msg_type=msg_type,
+                attachment=file_id,
+            )
+        )  # fmt: skip
+
+    async def upload(self, path: str | Path) -> Attachment:
+        """Upload a file to send later (its ``id`` is what a message's ``attachment`` names)."""
+        return await self.http.upload(await self._access_token(), Path(path))
+
+    async def save_attachment(self, attachment: Attachment, directory: str | Path = ".") -> Path:
+        """Download a received file into ``directory`` under its name (which the server has
+        stripped of any directory part); `` (1)``, `` (2)`` ... are added rather than overwrite
+        a file. Returns the path written."""
+        folder = Path(directory)
+        stem, dot, ext = attachment.name.rpartition(".")
+        if not stem:
+            stem, dot, ext = attachment.name, "", ""
+        target = folder / attachment.name
+        number = 0
+        while target.exists():
+            number += 1
+            target = folder / f"{stem} ({number}){dot}{ext}"
+        return await self.http.download(await self._access_token(), attachment.id, target)
+
+    async def _attach(self, attachment: str | Path | None) -> str | None:
+        if attachment is None:
+            return None
+        return (await self.upload(attachment)).id
 
     def events(self) -> AsyncIterator[AnyStreamEvent]:
         """The user's stream (messages, receipts, read markers, recalls, group changes) in seq
@@ -457,6 +504,10 @@ class ChatClient:
     async def conversations(self) -> list[Conversation]:
         """The user's conversations with unread counts (HTTP ``GET /v1/conversations``)."""
         return await self.http.conversations(await self._access_token())
+
+    async def groups(self) -> list[Group]:
+        """The groups the user is a member of (HTTP ``GET /v1/groups``)."""
+        return await self.http.groups(await self._access_token())
 
     async def history(self, conversation_id: str, *, limit: int = 50, before_id: int | None = None) -> list[Message]:
         """A page of a conversation (``user:{peer}`` or ``group:{id}``), newest first."""

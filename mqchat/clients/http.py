@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import secrets
 import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mqchat.clients.errors import ApiUnavailable, chat_error
 from mqchat.core.errors import ChatError
 from mqchat.core.origin import decode_key
+from mqchat.core.protocol import Attachment
+
+_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +38,8 @@ class Message:
     msg_type: str
     created_at: str
     recalled_at: str | None
+    attachment: Attachment | None = None
+    """The file the message carries (``ChatClient.save_attachment`` downloads it)."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Message:
@@ -43,6 +53,7 @@ class Message:
             msg_type=str(data["msg_type"]),
             created_at=str(data["created_at"]),
             recalled_at=data.get("recalled_at"),
+            attachment=Attachment.model_validate(data["attachment"]) if data.get("attachment") else None,
         )
 
 
@@ -63,6 +74,18 @@ class Conversation:
             unread_count=int(data["unread_count"]),
             last_message=Message.from_json(last) if last else None,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    group_id: str
+    name: str
+    owner: str
+    members: tuple[str, ...]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Group:
+        return cls(str(data["group_id"]), str(data["name"]), str(data["owner"]), tuple(data["members"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +132,11 @@ class HttpApi:
         answer = await self.request("GET", f"/v1/conversations?limit={limit}", token=token)
         return [Conversation.from_json(item) for item in answer["conversations"]]
 
+    async def groups(self, token: str) -> list[Group]:
+        """The groups the user is an active member of (``GET /v1/groups``)."""
+        answer = await self.request("GET", "/v1/groups", token=token)
+        return [Group.from_json(item) for item in answer["groups"]]
+
     async def history(
         self, token: str, conversation_id: str, *, limit: int = 50, before_id: int | None = None
     ) -> list[Message]:
@@ -118,17 +146,80 @@ class HttpApi:
         answer = await self.request("GET", path, token=token)
         return [Message.from_json(item) for item in answer["messages"]]
 
+    async def upload(self, token: str, path: Path, *, name: str | None = None) -> Attachment:
+        """Upload a file (``POST /v1/files``), streamed from disk; its id goes in a message's
+        ``attachment``. The server refuses a file too large (``FileTooLarge``) or of a type it
+        does not take (``UnsupportedFileType``)."""
+        return Attachment.model_validate(await asyncio.to_thread(self._upload, token, Path(path), name))
+
+    def _upload(self, token: str, path: Path, name: str | None) -> Any:
+        boundary = secrets.token_hex(16)
+        filename = (name or path.name).replace('"', "_").replace("\r", "_").replace("\n", "_")
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        size = path.stat().st_size
+
+        def body() -> Iterator[bytes]:
+            yield head
+            with path.open("rb") as fh:
+                while piece := fh.read(_CHUNK):
+                    yield piece
+            yield tail
+
+        headers = {
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(len(head) + size + len(tail)),
+        }
+        return self._exchange("POST", "/v1/files", body(), headers, token)
+
+    async def download(self, token: str, file_id: str, target: Path) -> Path:
+        """Save a file (``GET /v1/files/{id}``) as ``target``: written beside it under a
+        temporary name and renamed when whole, so ``target`` never holds part of a file."""
+        return await asyncio.to_thread(self._download, token, file_id, Path(target))
+
+    def _download(self, token: str, file_id: str, target: Path) -> Path:
+        path = f"/v1/files/{urllib.parse.quote(file_id, safe='')}"
+        request = urllib.request.Request(
+            self.base_url + path, headers={"Authorization": f"Bearer {token}"}, method="GET"
+        )
+        staging = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+        try:
+            with (
+                urllib.request.urlopen(request, timeout=self._timeout, context=self._ssl) as response,
+                staging.open("xb") as out,
+            ):
+                while piece := response.read(_CHUNK):
+                    out.write(piece)
+            os.replace(staging, target)
+        except urllib.error.HTTPError as exc:
+            raise _error_from(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ApiUnavailable(f"GET {self.base_url}{path}: {exc}") from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
+        return target
+
     async def request(self, method: str, path: str, *, body: Any = None, token: str | None = None) -> Any:
         """The decoded JSON answer. Raises the server's typed ``ChatError`` for an error answer
         and ``ApiUnavailable`` when the server cannot be reached."""
         return await asyncio.to_thread(self._request, method, path, body, token)
 
     def _request(self, method: str, path: str, body: Any, token: str | None) -> Any:
-        headers = {"Accept": "application/json"}
+        headers: dict[str, str] = {}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        return self._exchange(method, path, data, headers, token)
+
+    def _exchange(
+        self, method: str, path: str, data: bytes | Iterator[bytes] | None, headers: dict[str, str], token: str | None
+    ) -> Any:
+        headers = {"Accept": "application/json", **headers}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)

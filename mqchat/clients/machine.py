@@ -257,6 +257,9 @@ class ClientMachine:
 
         #: Payloads dropped because their origin could not be verified, by kind.
         self.rejected: collections.Counter[str] = collections.Counter()
+        #: ``sync_response`` pages received on the device topic (signed, so from an mqchat
+        #: server): none a few seconds after connecting means no mqchat is behind that port.
+        self.sync_pages = 0
 
     # ----------------------------------------------------------------- state
 
@@ -486,6 +489,7 @@ class ClientMachine:
 
     def _sync_page(self, page: SyncResponse, now: float) -> list[Action]:
         self._last_heard = now
+        self.sync_pages += 1
         actions: list[Action] = []
         for event in page.events:
             actions += self._take(event)

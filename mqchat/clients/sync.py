@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from mqchat.clients.client import ChatClient
 from mqchat.clients.http import Conversation
 from mqchat.clients.store import OutboxEntry
-from mqchat.core.protocol import AnyStreamEvent, MessageAck, MsgType, TypingEvent
+from mqchat.core.protocol import AnyStreamEvent, Attachment, MessageAck, MsgType, TypingEvent
 
 T = TypeVar("T")
 
@@ -101,14 +102,32 @@ class SyncChatClient:
         self._call(self.client.wait_connected(), timeout)
 
     def send(
-        self, to_user: str, content: str, *, msg_type: MsgType = "text", timeout: float | None = None
+        self,
+        to_user: str,
+        content: str = "",
+        *,
+        msg_type: MsgType = "text",
+        attachment: str | Path | None = None,
+        timeout: float | None = None,
     ) -> MessageAck:
-        return self._call(self.client.send(to_user, content, msg_type=msg_type), timeout)
+        return self._call(self.client.send(to_user, content, msg_type=msg_type, attachment=attachment), timeout)
 
     def send_to_group(
-        self, group_id: str, content: str, *, msg_type: MsgType = "text", timeout: float | None = None
+        self,
+        group_id: str,
+        content: str = "",
+        *,
+        msg_type: MsgType = "text",
+        attachment: str | Path | None = None,
+        timeout: float | None = None,
     ) -> MessageAck:
-        return self._call(self.client.send_to_group(group_id, content, msg_type=msg_type), timeout)
+        call = self.client.send_to_group(group_id, content, msg_type=msg_type, attachment=attachment)
+        return self._call(call, timeout)
+
+    def save_attachment(
+        self, attachment: Attachment, directory: str | Path = ".", timeout: float | None = None
+    ) -> Path:
+        return self._call(self.client.save_attachment(attachment, directory), timeout)
 
     def next_event(self, timeout: float | None = None) -> AnyStreamEvent | None:
         """The next stream event, or None when none came within ``timeout`` seconds or the

@@ -6,7 +6,9 @@
     ├── InvalidCommand             invalid_command
     │   ├── InvalidJson            invalid_json
     │   ├── UnknownCommand         unknown_type
-    │   └── PayloadTooLarge        payload_too_large
+    │   ├── PayloadTooLarge        payload_too_large
+    │   │   └── FileTooLarge       file_too_large
+    │   └── UnsupportedFileType    unsupported_file_type
     ├── NotAuthorized              not_authorized
     │   ├── InvalidCredentials     invalid_credentials
     │   └── InvalidToken           invalid_token
@@ -19,7 +21,8 @@
     ├── NotFound                   not_found
     │   ├── UnknownRecipient       unknown_recipient
     │   ├── UnknownUser            unknown_user
-    │   └── UnknownGroup           unknown_group
+    │   ├── UnknownGroup           unknown_group
+    │   └── UnknownFile            unknown_file
     ├── Conflict                   conflict
     │   ├── UserExists             user_exists
     │   └── GroupFull              group_full
@@ -84,6 +87,20 @@ class PayloadTooLarge(InvalidCommand):
     status = 413
 
 
+class FileTooLarge(PayloadTooLarge):
+    """An upload over ``files.max_bytes``: nothing of it is kept."""
+
+    code = "file_too_large"
+    status = 413
+
+
+class UnsupportedFileType(InvalidCommand):
+    """An upload whose bytes are not one of ``files.allowed_types`` (whatever it claims to be)."""
+
+    code = "unsupported_file_type"
+    status = 415
+
+
 class NotAuthorized(ChatError):
     code = "not_authorized"
     status = 401
@@ -143,6 +160,13 @@ class UnknownUser(NotFound):
 
 class UnknownGroup(NotFound):
     code = "unknown_group"
+
+
+class UnknownFile(NotFound):
+    """No such file for you: it does not exist, or it is neither yours nor in a conversation of
+    yours (the two are not told apart, so file ids cannot be probed)."""
+
+    code = "unknown_file"
 
 
 class Conflict(ChatError):
@@ -216,6 +240,8 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     InvalidJson,
     UnknownCommand,
     PayloadTooLarge,
+    FileTooLarge,
+    UnsupportedFileType,
     NotAuthorized,
     InvalidCredentials,
     InvalidToken,
@@ -229,6 +255,7 @@ ALL_ERRORS: tuple[type[ChatError], ...] = (
     UnknownRecipient,
     UnknownUser,
     UnknownGroup,
+    UnknownFile,
     Conflict,
     UserExists,
     GroupFull,

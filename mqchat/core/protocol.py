@@ -50,6 +50,9 @@ UserIdStr = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 """A user, group or device id in an envelope or an HTTP body (the pattern of ``core.ids``)."""
 ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CLIENT_MSG_ID), AfterValidator(storable)]
 Content = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(storable)]
+Caption = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS), AfterValidator(storable)]
+"""The content of a message that carries an attachment: it may be empty."""
+FileId = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN}$")]
 MsgType = Literal["text", "image", "video", "file"]
 Seq = Annotated[int, Field(ge=0, le=2**62)]
 
@@ -69,20 +72,28 @@ class _Envelope(BaseModel):
 # ---------------------------------------------------------------- commands
 
 
-class SendMessage(_Envelope):
+class _Send(_Envelope):
+    client_msg_id: ClientMsgId
+    content: Caption = ""
+    msg_type: MsgType = "text"
+    attachment: FileId | None = None
+    """The id of a file the sender uploaded (``POST /v1/files``); then ``content`` may be empty."""
+
+    @model_validator(mode="after")
+    def _content_or_attachment(self) -> _Send:
+        if not self.content and self.attachment is None:
+            raise ValueError("content: give a non-empty content, or an attachment")
+        return self
+
+
+class SendMessage(_Send):
     type: Literal["send_message"] = "send_message"
-    client_msg_id: ClientMsgId
     to_user: UserIdStr
-    content: Content
-    msg_type: MsgType = "text"
 
 
-class SendGroupMessage(_Envelope):
+class SendGroupMessage(_Send):
     type: Literal["send_group_message"] = "send_group_message"
-    client_msg_id: ClientMsgId
     group_id: UserIdStr
-    content: Content
-    msg_type: MsgType = "text"
 
 
 class SyncMessages(_Envelope):
@@ -219,10 +230,23 @@ class MessageAck(_Envelope):
     duplicate: bool = False
 
 
+class Attachment(_Envelope):
+    """A file a message carries (``GET /v1/files/{id}`` downloads it). ``width`` and ``height``
+    only for images."""
+
+    id: str
+    name: str
+    size: int
+    content_type: str
+    width: int | None = None
+    height: int | None = None
+
+
 class NewMessage(_Envelope):
     """A message in a stream. 1:1 messages carry ``to_user``, group messages ``group_id``.
 
-    A recalled message is served as a tombstone: no ``content``, with ``recalled_at``.
+    A recalled message is served as a tombstone: no ``content`` and no ``attachment``, with
+    ``recalled_at``.
     """
 
     type: Literal["new_message"] = "new_message"
@@ -236,6 +260,7 @@ class NewMessage(_Envelope):
     msg_type: MsgType
     created_at: str
     recalled_at: str | None = None
+    attachment: Attachment | None = None
 
 
 GroupAction = Literal["created", "member_added", "member_removed", "member_left"]

@@ -40,7 +40,13 @@ async def test_client_config_names_the_websocket_port_the_broker_bound(server: R
     assert config.status_code == 200
     # The settings say port 0: the page must get the port the system chose.
     assert server.ws_port
-    assert config.json() == {"ws_port": server.ws_port, "wss_port": None, "ws_path": "/mqtt"}
+    assert config.json() == {
+        "ws_port": server.ws_port,
+        "wss_port": None,
+        "ws_path": "/mqtt",
+        "recall_window_seconds": 120.0,
+        "max_file_bytes": 26214400,
+    }
 
 
 def test_client_config_defaults_to_the_configured_ports(tmp_path: Path) -> None:

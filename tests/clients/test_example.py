@@ -35,3 +35,19 @@ async def test_the_sdk_example_runs(server_process: ServerProcess, tmp_path: Pat
         assert lines[0].startswith("alice sent message #")
         assert lines[1] == "bob got: [alice] Hello Bob!"
         assert lines[2] == "alice sees: read by bob"
+
+
+async def test_the_sdk_example_fails_in_one_line_when_the_names_are_taken(
+    server_process: ServerProcess, tmp_path: Path
+) -> None:
+    server = server_process
+    for password in ("first-password", "other-password"):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLE), "--server", "127.0.0.1", "--mqtt-port", str(server.mqtt_port),
+            "--http-port", str(server.http_port), "--data-dir", str(tmp_path), "--password", password,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 45)
+    assert proc.returncode == 1
+    assert err.decode().count("\n") == 1, err.decode()
+    assert "cannot log in as 'alice'" in err.decode() and "--alice" in err.decode()

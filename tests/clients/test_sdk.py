@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mqchat.clients import ChatClient, ClientClosed, LoginFailed, SyncChatClient
-from mqchat.core.errors import InvalidCommand, UnknownRecipient
+from mqchat.core.errors import InvalidCommand, UnknownRecipient, UnsupportedFileType
 from mqchat.core.protocol import MessageAck, MessageDelivered, MessageRead, MessageRecalled, NewMessage, ReadMarker
 from mqchat.runner import RunningServer
 from tests.clients.support import FAST, client_for, event_log, make_client, messages, next_of, quiet, started, until
@@ -304,3 +304,30 @@ async def test_over_tls(server: RunningServer, tmp_path: Path, certificate: tupl
             ack = await asyncio.wait_for(alice.send(to_user="bob", content="over TLS"), 15)
             [got] = await messages(bob.events(), 1)
             assert got.server_msg_id == ack.server_msg_id
+
+
+async def test_a_file_is_sent_with_attachment_and_saved_by_the_peer(server: RunningServer, tmp_path: Path) -> None:
+    alice_token, bob_token = await register(server, "alice"), await register(server, "bob")
+    alice = client_for(server, "alice", alice_token, tmp_path)
+    bob = client_for(server, "bob", bob_token, tmp_path)
+    note = tmp_path / "notes.txt"
+    note.write_text("bring the tent\n")
+    refused = tmp_path / "page.html"
+    refused.write_bytes(b"\x00\x01 binary")
+    async with started(alice, bob):
+        ack = await asyncio.wait_for(alice.send("bob", "the list", attachment=note), 15)
+        [incoming] = await messages(bob.events(), 1)
+        assert incoming.server_msg_id == ack.server_msg_id and incoming.msg_type == "file"
+        assert incoming.attachment is not None and incoming.attachment.name == "notes.txt"
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        first = await bob.save_attachment(incoming.attachment, downloads)
+        second = await bob.save_attachment(incoming.attachment, downloads)
+        assert first == downloads / "notes.txt" and second == downloads / "notes (1).txt"
+        assert first.read_text() == second.read_text() == "bring the tent\n"
+        assert sorted(p.name for p in downloads.iterdir()) == ["notes (1).txt", "notes.txt"]  # no .part left
+        [page] = await bob.history("user:alice")
+        assert page.attachment == incoming.attachment
+        with pytest.raises(UnsupportedFileType):
+            await alice.send("bob", attachment=refused)
+        assert alice.outbox() == []  # a refused upload never reaches the outbox

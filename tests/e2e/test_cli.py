@@ -29,8 +29,21 @@ def mqchat(*args: str, data_dir: Path, check: bool = True) -> subprocess.Complet
     )
 
 
+def test_commands_other_than_serve_refuse_a_data_dir_that_does_not_exist(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for args in (("token", "alice"), ("user", "add", "alice", "--password", "alice-secret"), ("db", "current")):
+        result = subprocess.run(
+            [sys.executable, "-m", "mqchat.cli", *args], cwd=elsewhere, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 2, result
+        assert result.stderr.count("\n") == 1 and "mqchat-data" in result.stderr and "--data-dir" in result.stderr
+        assert not (elsewhere / "mqchat-data").exists()
+
+
 async def test_tokens_survive_a_restart_and_the_secret_is_private(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    data.mkdir()
     assert (
         mqchat("user", "add", "alice", "--password", "alice-secret", data_dir=data).stdout.strip()
         == "created user alice"

@@ -1,14 +1,23 @@
 "use strict";
 // The mqchat browser page. It speaks the protocol of docs/protocol.md: HTTP for logging in, the
-// conversation list and history; MQTT over WebSocket (MQTT.js) for everything live. What it
-// keeps in localStorage: the device id, the login (user, token and event key), and per user and
-// device the cursor (the last stream seq processed) and the outbox (messages not yet
+// conversation list, history and files; MQTT over WebSocket (MQTT.js) for everything live. What it
+// keeps in localStorage: the login (user, token and event key), the device ids of this browser, and
+// per user and device the cursor (the last stream seq processed) and the outbox (messages not yet
 // acknowledged). Events on the stream and device topics count only with the server's "sig"
 // (origin.js): a forged one must not take the place of a real one.
+//
+// Several tabs: each tab is its own device, with its own MQTT connection and cursor. A tab takes
+// the first device id of this browser that no other open tab holds (a Web Lock per id, held while
+// the tab lives), so ids are reused and a new tab does not replay the whole stream; without Web
+// Locks (plain http from another host is not a secure context) each tab makes its own id, kept in
+// sessionStorage. The token is not scoped to a device, so every tab can use it.
 
 const RETRYABLE = new Set(["server_busy", "storage_unavailable", "rate_limited"]);
 const RESEND_AFTER_MS = 15000;
 const ID_RE = /^[A-Za-z0-9_.-]{1,64}$/;
+const PAGE_SIZE = 50;
+const TYPING_IDLE_MS = 3000;
+const TYPING_SHOWN_MS = 6000;
 
 const $ = (id) => document.getElementById(id);
 
@@ -26,13 +35,35 @@ function randomHex(bytes) {
   return Array.from(crypto.getRandomValues(new Uint8Array(bytes)), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-/** One device id per browser profile, kept: the server keeps one delivery cursor per device. */
-function deviceId() {
-  let id = localStorage.getItem("mqchat.device");
-  if (!id) {
-    id = `web-${randomHex(8)}`;
-    localStorage.setItem("mqchat.device", id);
+/** A Web Lock held for as long as the page lives; false if another tab holds it. */
+function holdLock(name) {
+  return new Promise((resolve) => {
+    navigator.locks.request(name, { ifAvailable: true }, (lock) => {
+      resolve(lock !== null);
+      return lock === null ? undefined : new Promise(() => {}); // held while the page lives
+    });
+  });
+}
+
+/** This tab's device id (see the top of this file). */
+async function claimDevice() {
+  if (!navigator.locks) {
+    let id = sessionStorage.getItem("mqchat.device");
+    if (!id) {
+      id = `web-${randomHex(8)}`;
+      sessionStorage.setItem("mqchat.device", id);
+    }
+    return id;
   }
+  const legacy = localStorage.getItem("mqchat.device"); // one id per profile, from before tabs
+  const pool = saved.get("mqchat.devices", legacy ? [legacy] : []);
+  for (const id of pool) {
+    if (await holdLock(`mqchat-device-${id}`)) return id;
+  }
+  const id = `web-${randomHex(8)}`;
+  await holdLock(`mqchat-device-${id}`);
+  const now = saved.get("mqchat.devices", []); // another tab may have added one meanwhile
+  saved.set("mqchat.devices", [...now.filter((d) => d !== id), id]);
   return id;
 }
 
@@ -62,6 +93,15 @@ const state = {
   verify: null, // payload -> body without the sig, or null (origin.js)
   inbound: Promise.resolve(), // incoming messages, handled one after the other (verifying is async)
   rejected: {}, // kind -> how many payloads without the server's sig were dropped
+  olderBefore: null, // before_id of the next older history page of the open conversation, or null
+  loadingOlder: false,
+  uploads: [], // {key, conversation_id, name} files being uploaded
+  presence: new Map(), // user -> {status, last_seen}
+  typing: new Map(), // conversation id -> Map(user -> until ms)
+  typingSent: null, // the conversation we told we are typing in
+  watched: [], // the live topics of the open conversation (presence, group typing)
+  blobs: new Map(), // file id (+ ":thumb") -> object URL
+  showMembers: false,
 };
 
 const key = (name) => `mqchat.${name}.${state.user}.${state.device}`;
@@ -76,26 +116,90 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
-  const headers = { "Content-Type": "application/json" };
+async function request(method, path, { body, headers = {} } = {}) {
   if (state.token) headers.Authorization = `Bearer ${state.token}`;
-  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  const data = response.status === 204 ? null : await response.json().catch(() => null);
+  let response;
+  try {
+    response = await fetch(path, { method, headers, body });
+  } catch {
+    throw new ApiError(0, "network", "the server cannot be reached");
+  }
   if (response.status === 401 && state.token) {
     logout("Your session has ended: log in again.");
   }
   if (!response.ok) {
+    const data = await response.json().catch(() => null);
     throw new ApiError(response.status, data?.error?.code ?? "http_error", data?.error?.message ?? response.statusText);
   }
-  return data;
+  return response;
+}
+
+async function api(method, path, body) {
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  const response = await request(method, path, { body: body === undefined ? undefined : JSON.stringify(body), headers });
+  return response.status === 204 ? null : response.json().catch(() => null);
+}
+
+/** A file of a message, fetched with the token, as an object URL (cached). */
+async function fileUrl(fileId, thumbnail = false) {
+  const cacheKey = thumbnail ? `${fileId}:thumb` : fileId;
+  if (!state.blobs.has(cacheKey)) {
+    const path = `/v1/files/${encodeURIComponent(fileId)}${thumbnail ? "/thumbnail" : ""}`;
+    const promise = request("GET", path).then((r) => r.blob()).then((blob) => URL.createObjectURL(blob));
+    state.blobs.set(cacheKey, promise);
+    promise.catch(() => state.blobs.delete(cacheKey));
+  }
+  return state.blobs.get(cacheKey);
+}
+
+async function uploadFile(file) {
+  const limit = state.config?.max_file_bytes;
+  if (limit && file.size > limit) throw new ApiError(413, "file_too_large", `larger than ${limit} bytes`);
+  const form = new FormData();
+  form.append("file", file, file.name);
+  return (await request("POST", "/v1/files", { body: form })).json();
 }
 
 // ---------------------------------------------------------------------------------- UI helpers
+
+function formatSize(bytes) {
+  if (bytes < 1000) return `${bytes} B`;
+  if (bytes < 1000 * 1000) return `${(bytes / 1000).toFixed(1)} kB`;
+  return `${(bytes / 1000 / 1000).toFixed(1)} MB`;
+}
+
+/** What an error means to a person, rather than its code. */
+const FRIENDLY = {
+  network: () => "Cannot reach the server. Check your connection and try again.",
+  invalid_credentials: () => "Wrong user name or password.",
+  unknown_user: () => "There is no user with that name.",
+  unknown_recipient: () => "There is no user with that name.",
+  unknown_group: () => "That group does not exist.",
+  not_a_member: () => "You are not a member of that group.",
+  not_allowed: () => "You are not allowed to do that.",
+  recall_window_passed: () => "It is too late to recall that message.",
+  rate_limited: () => "You are going a bit fast: wait a moment and try again.",
+  server_busy: () => "The server is busy: try again in a moment.",
+  storage_unavailable: () => "The server cannot store anything right now: try again in a moment.",
+  group_full: () => "That group is full.",
+  file_too_large: () => `That file is too large: the limit is ${formatSize(state.config?.max_file_bytes ?? 0)}.`,
+  unsupported_file_type: () => "That kind of file cannot be sent: images, PDFs, text, audio, video and zip files can.",
+  unknown_file: () => "That file is no longer available.",
+  payload_too_large: () => "That message is too long.",
+  registration_closed: () => "Registration is closed on this server.",
+};
+
+function friendly(error) {
+  const say = FRIENDLY[error.code];
+  if (say) return say(error);
+  return error.message ? `Something went wrong: ${error.message}` : "Something went wrong.";
+}
 
 function showError(text) {
   const box = $("error");
   box.textContent = text;
   box.hidden = false;
+  later("error", 8000, clearError);
 }
 
 function clearError() {
@@ -127,8 +231,8 @@ function later(name, ms, fn) {
 // ---------------------------------------------------------------------------------- login
 
 async function login(user, password) {
-  const device = deviceId();
-  const token = await api("POST", "/v1/token", { user_id: user, password, device_id: device });
+  // Not scoped to a device: every tab of this browser (each its own device) uses it.
+  const token = await api("POST", "/v1/token", { user_id: user, password });
   saved.set("mqchat.session", { user, token: token.access_token, eventKey: token.event_key });
   await start(user, token.access_token, token.event_key);
 }
@@ -143,7 +247,9 @@ function logout(message) {
   Object.assign(state, {
     user: null, token: null, ready: false, open: null, conversations: [], messages: new Map(),
     held: new Map(), outbox: [], delivered: {}, read: {}, readUpTo: {}, eventKey: null, verify: null,
+    watched: [], presence: new Map(), typing: new Map(), uploads: [],
   });
+  document.body.classList.remove("in-conversation");
   setStatus("offline");
   $("chat").hidden = true;
   $("logout").hidden = true;
@@ -152,20 +258,8 @@ function logout(message) {
   if (message) showError(message);
 }
 
-/** One tab per browser profile: two tabs would share a device id and take its connection from
- * each other (one connection per MQTT client id). */
-function holdTabLock() {
-  if (!navigator.locks) return Promise.resolve(true);
-  return new Promise((resolve) => {
-    navigator.locks.request("mqchat-tab", { ifAvailable: true }, (lock) => {
-      resolve(lock !== null);
-      return lock === null ? undefined : new Promise(() => {}); // held while the page lives
-    });
-  });
-}
-
 async function start(user, token, eventKey) {
-  Object.assign(state, { user, token, device: deviceId() });
+  Object.assign(state, { user, token });
   await useEventKey(eventKey);
   state.cursor = saved.get(key("cursor"), 0);
   state.outbox = saved.get(key("outbox"), []);
@@ -247,9 +341,22 @@ function onConnect(client) {
     }
     state.ready = true;
     setStatus("online");
+    if (state.watched.length) client.subscribe(state.watched, { qos: 0 });
+    if (state.acked > 0 || state.cursor > 0) refreshInBackground(); // what changed while away
     flushOutbox();
     maybeMarkRead();
   });
+}
+
+/** The live topics of the open conversation: the peer's presence, or the group's typing. */
+function watch(topics) {
+  const client = state.mqtt;
+  const old = state.watched.filter((t) => !topics.includes(t));
+  const added = topics.filter((t) => !state.watched.includes(t));
+  state.watched = topics;
+  if (!client || !state.ready) return; // onConnect subscribes them
+  if (old.length) client.unsubscribe(old);
+  if (added.length) client.subscribe(added, { qos: 0 }, () => {}); // refused (not a contact yet): nothing shows
 }
 
 async function onConnectError(error) {
@@ -302,7 +409,12 @@ async function handleMessage(client, topic, payload) {
     else if (event.type === "sync_response") onSyncResponse(event);
     else if (event.type === "error") onErrorEvent(event);
   } else if (signed === "stream" && typeof event.seq === "number") {
-    receive([event]); // typing events (no seq) are not shown by this page
+    receive([event]);
+  } else if (event.type === "typing" && (signed === "stream" || topic.startsWith("chat/group/"))) {
+    onTyping(event); // ephemeral: no seq, never stored
+  } else if (topic.startsWith("chat/presence/") && typeof event.status === "string") {
+    state.presence.set(event.user_id, event);
+    renderHeader();
   }
 }
 
@@ -330,7 +442,7 @@ function receive(events) {
     saved.set(key("cursor"), state.cursor);
     later("ack", 200, sendAck);
     renderMessages();
-    later("refresh", 300, refreshConversations);
+    later("refresh", 300, refreshInBackground);
   }
   if (state.held.size > 0 && !state.catchingUp) requestSync(); // a gap: fill it
 }
@@ -382,10 +494,13 @@ function apply(event) {
         server_msg_id: event.server_msg_id, client_msg_id: event.client_msg_id, from_user: event.from_user,
         to_user: event.to_user ?? null, group_id: event.group_id ?? null, content: event.content ?? null,
         msg_type: event.msg_type, created_at: event.created_at, recalled_at: event.recalled_at ?? null,
+        attachment: event.attachment ?? null,
       };
       if (message.from_user === state.user) dropFromOutbox(message.client_msg_id);
+      else stopTypingOf(conversationOf(message), message.from_user); // their message ends their typing
       if (conversationOf(message) === state.open) {
         state.messages.set(message.server_msg_id, message);
+        watchAgain();
         later("read", 0, maybeMarkRead);
       }
       break;
@@ -401,10 +516,13 @@ function apply(event) {
       break;
     case "message_recalled": {
       const message = state.messages.get(event.message_id);
-      if (message) Object.assign(message, { content: null, recalled_at: event.recalled_at });
+      if (message) Object.assign(message, { content: null, attachment: null, recalled_at: event.recalled_at });
       break;
     }
-    default: // group_updated: the conversation list refresh picks it up
+    case "group_updated":
+      onGroupUpdated(event);
+      break;
+    default:
       break;
   }
 }
@@ -418,6 +536,7 @@ function saveOutbox() {
 function commandOf(entry) {
   const [kind, target] = splitConversation(entry.conversation_id);
   const common = { client_msg_id: entry.client_msg_id, content: entry.content, msg_type: "text" };
+  if (entry.attachment) common.attachment = entry.attachment.id;
   return kind === "group"
     ? { type: "send_group_message", group_id: target, ...common }
     : { type: "send_message", to_user: target, ...common };
@@ -438,14 +557,40 @@ function flushOutbox(onlyOverdue = false) {
   }
 }
 
-function send(content) {
+function send(content, attachment = null, conversationId = state.open) {
   const entry = {
-    client_msg_id: `web-${randomHex(12)}`, conversation_id: state.open, content, status: "pending", sent_at: null,
+    client_msg_id: `web-${randomHex(12)}`, conversation_id: conversationId, content, attachment,
+    status: "pending", sent_at: null, created_at: new Date().toISOString(),
   };
   state.outbox.push(entry);
   saveOutbox();
   sendEntry(entry);
+  stopTyping();
   renderMessages();
+  scrollToBottom();
+}
+
+async function sendFiles(files) {
+  const conversationId = state.open;
+  for (const file of files) {
+    const upload = { key: randomHex(6), conversation_id: conversationId, name: file.name };
+    state.uploads.push(upload);
+    renderMessages();
+    scrollToBottom();
+    try {
+      const attachment = await uploadFile(file);
+      send("", attachment, conversationId);
+    } catch (error) {
+      showError(error instanceof ApiError ? friendly(error) : String(error));
+    } finally {
+      state.uploads = state.uploads.filter((u) => u !== upload);
+      renderMessages();
+    }
+  }
+}
+
+function recall(messageId) {
+  if (!publish({ type: "recall_message", message_id: messageId })) showError("You are offline: try again when connected.");
 }
 
 function dropFromOutbox(clientMsgId) {
@@ -456,18 +601,28 @@ function dropFromOutbox(clientMsgId) {
   return entry;
 }
 
+/** A first message makes two users contacts: the presence subscription refused before may pass now. */
+function watchAgain() {
+  const topics = state.watched;
+  if (!topics.some((t) => t.startsWith("chat/presence/")) || state.presence.has(splitConversation(state.open)[1])) return;
+  state.watched = [];
+  watch(topics);
+}
+
 function onMessageAck(ack) {
   const entry = dropFromOutbox(ack.client_msg_id);
+  if (entry?.conversation_id === state.open) watchAgain();
   if (entry && entry.conversation_id === state.open && !state.messages.has(ack.server_msg_id)) {
     const [kind, target] = splitConversation(entry.conversation_id);
     state.messages.set(ack.server_msg_id, {
       server_msg_id: ack.server_msg_id, client_msg_id: ack.client_msg_id, from_user: state.user,
       to_user: kind === "user" ? target : null, group_id: kind === "group" ? target : null,
       content: entry.content, msg_type: "text", created_at: ack.created_at, recalled_at: null,
+      attachment: entry.attachment ?? null,
     });
   }
   renderMessages();
-  later("refresh", 300, refreshConversations);
+  later("refresh", 300, refreshInBackground);
 }
 
 function onErrorEvent(error) {
@@ -481,7 +636,7 @@ function onErrorEvent(error) {
     saveOutbox();
     renderMessages();
   }
-  showError(`${error.code}: ${error.message}`);
+  showError(friendly(error));
 }
 
 // ---------------------------------------------------------------------------------- conversations
@@ -497,28 +652,53 @@ function titleOf(id) {
   return target === state.user ? `${target} (note to self)` : target;
 }
 
+function isGroupGone(id) {
+  const [kind, target] = splitConversation(id);
+  return kind === "group" && !state.groups.has(target);
+}
+
 async function refreshConversations() {
   if (!state.token) return;
   const [list, groups] = await Promise.all([api("GET", "/v1/conversations?limit=200"), api("GET", "/v1/groups")]);
   state.groups = new Map(groups.groups.map((g) => [g.group_id, g]));
-  state.conversations = list.conversations;
-  if (state.open && !state.conversations.some((c) => c.conversation_id === state.open)) {
+  // A group the user left (or was removed from) stays in their stream, not in the list.
+  state.conversations = list.conversations.filter((c) => !isGroupGone(c.conversation_id));
+  if (state.open && !state.conversations.some((c) => c.conversation_id === state.open) && !isGroupGone(state.open)) {
     state.conversations.unshift({ conversation_id: state.open, name: null, last_message: null, unread_count: 0 });
   }
   renderConversations();
+  renderHeader();
   renderMessages(); // group members may have changed the ticks
+}
+
+/** A refresh nobody asked for: skipped while offline (the next connection does it), and its
+ * failure is no news to show. */
+function refreshInBackground() {
+  if (!navigator.onLine || !state.ready) return;
+  refreshConversations().catch((error) => console.debug("refreshing the conversations failed:", error.message));
+}
+
+function previewOf(message) {
+  if (!message) return "";
+  if (message.content === null) return "(recalled)";
+  const what = message.attachment ? `${message.attachment.content_type.startsWith("image/") ? "Photo" : "File"}: ${message.attachment.name}` : "";
+  const text = message.content || what;
+  const [kind] = splitConversation(conversationOf(message));
+  if (message.from_user === state.user) return `You: ${text}`;
+  return kind === "group" ? `${message.from_user}: ${text}` : text;
 }
 
 function renderConversations() {
   const list = $("conversations");
   list.replaceChildren(...state.conversations.map((c) => {
     const last = c.last_message;
-    const preview = !last ? "" : last.content === null ? "(recalled)" : `${last.from_user}: ${last.content}`;
     const unread = el("span", { className: "unread", testid: "unread", textContent: String(c.unread_count) });
     unread.hidden = c.unread_count === 0 || c.conversation_id === state.open;
+    const when = last ? el("time", { className: "when", textContent: shortWhen(last.created_at) }) : "";
     const item = el("li", { testid: "conversation-item", dataset: { conversationId: c.conversation_id } },
       el("span", { className: "name", textContent: titleOf(c.conversation_id) }),
-      el("span", { className: "preview", textContent: preview }),
+      when,
+      el("span", { className: "preview", textContent: previewOf(last) }),
       unread);
     if (c.conversation_id === state.open) item.classList.add("open");
     item.addEventListener("click", () => openConversation(c.conversation_id));
@@ -529,24 +709,70 @@ function renderConversations() {
 async function openConversation(id) {
   state.open = id;
   state.messages = new Map();
+  state.olderBefore = null;
+  state.showMembers = false;
   sessionStorage.setItem("mqchat.open", id);
+  document.body.classList.add("in-conversation");
   $("conversation").hidden = false;
-  $("conversation-title").textContent = titleOf(id);
   $("conversation").dataset.conversationId = id;
   if (!state.conversations.some((c) => c.conversation_id === id)) {
     state.conversations.unshift({ conversation_id: id, name: null, last_message: null, unread_count: 0 });
   }
+  const [kind, target] = splitConversation(id);
+  watch(kind === "group" ? [`chat/group/${target}`] : target === state.user ? [] : [`chat/presence/${target}`]);
   renderConversations();
+  renderHeader();
   renderMessages();
-  const page = await api("GET", `/v1/conversations/${encodeURIComponent(id)}/messages?limit=100`);
+  let page;
+  try {
+    page = await api("GET", `/v1/conversations/${encodeURIComponent(id)}/messages?limit=${PAGE_SIZE}`);
+  } catch (error) {
+    showError(friendly(error));
+    return;
+  }
   if (state.open !== id) return;
   for (const message of page.messages) {
     if (!state.messages.has(message.server_msg_id)) state.messages.set(message.server_msg_id, message);
   }
+  state.olderBefore = page.next_before_id;
   await loadReceipts(id);
   renderMessages();
+  scrollToBottom();
   maybeMarkRead();
   $("composer-input")?.focus();
+}
+
+function closeConversation() {
+  state.open = null;
+  sessionStorage.removeItem("mqchat.open");
+  document.body.classList.remove("in-conversation");
+  $("conversation").hidden = true;
+  delete $("conversation").dataset.conversationId;
+  watch([]);
+  renderConversations();
+}
+
+/** Scrolling back: the next older page, keeping what is on screen where it is. */
+async function loadOlder() {
+  const id = state.open;
+  if (!id || state.olderBefore === null || state.loadingOlder) return;
+  state.loadingOlder = true;
+  try {
+    const page = await api("GET", `/v1/conversations/${encodeURIComponent(id)}/messages?limit=${PAGE_SIZE}&before_id=${state.olderBefore}`);
+    if (state.open !== id) return;
+    const list = $("messages");
+    const fromBottom = list.scrollHeight - list.scrollTop;
+    for (const message of page.messages) {
+      if (!state.messages.has(message.server_msg_id)) state.messages.set(message.server_msg_id, message);
+    }
+    state.olderBefore = page.next_before_id;
+    renderMessages();
+    list.scrollTop = list.scrollHeight - fromBottom;
+  } catch (error) {
+    showError(friendly(error));
+  } finally {
+    state.loadingOlder = false;
+  }
 }
 
 /** Ticks for messages sent before the page loaded: receipts are watermarks, so the newest own
@@ -579,40 +805,277 @@ function statusOf(message, id) {
   return "sent";
 }
 
-const TICKS = { pending: "\u{1F551}", failed: "failed", sent: "\u2713", delivered: "\u2713\u2713", read: "\u2713\u2713" };
+// ---------------------------------------------------------------------------------- groups
 
-function messageItem({ from, text, status, mine, id, recalled }) {
-  const body = el("span", { className: recalled ? "text recalled" : "text", testid: "message-text", textContent: text });
-  const item = el("li", { testid: "message", dataset: { status: status ?? "", from, id: id ?? "" } });
-  if (mine) item.classList.add("mine");
-  item.append(el("span", { className: "from", textContent: from }), body);
-  if (status) {
-    const ticks = el("span", { className: `ticks ${status}`, testid: "ticks", textContent: TICKS[status], title: status });
-    item.append(ticks);
+async function onGroupUpdated(event) {
+  const me = event.user_id === state.user;
+  const gone = me && (event.action === "member_removed" || event.action === "member_left");
+  const name = state.groups.get(event.group_id)?.name ?? "the group";
+  if (gone) {
+    state.groups.delete(event.group_id);
+    if (state.open === `group:${event.group_id}`) closeConversation();
+    if (event.by !== state.user) showError(`${event.by} removed you from ${name}.`);
   }
+  later("refresh", 100, refreshInBackground);
+}
+
+async function changeMembers(action, user) {
+  const [, groupId] = splitConversation(state.open);
+  try {
+    if (action === "add") await api("POST", `/v1/groups/${groupId}/members`, { user_id: user });
+    else await api("DELETE", `/v1/groups/${groupId}/members/${encodeURIComponent(user)}`);
+  } catch (error) {
+    showError(friendly(error));
+    return;
+  }
+  if (action === "leave") closeConversation();
+  await refreshConversations();
+}
+
+function renderMembers() {
+  const panel = $("members");
+  const [kind, groupId] = state.open ? splitConversation(state.open) : [null, null];
+  const group = kind === "group" ? state.groups.get(groupId) : null;
+  panel.hidden = !group || !state.showMembers;
+  if (!group) return;
+  const owner = group.owner === state.user;
+  const items = group.members.map((user) => {
+    const item = el("li", { testid: "member", dataset: { user } },
+      el("span", { textContent: user === state.user ? `${user} (you)` : user }),
+      user === group.owner ? el("span", { className: "role", textContent: "owner" }) : "");
+    if (owner && user !== state.user) {
+      const remove = el("button", { type: "button", className: "link", testid: "member-remove", textContent: "Remove", title: `Remove ${user}` });
+      remove.addEventListener("click", () => changeMembers("remove", user));
+      item.append(remove);
+    }
+    return item;
+  });
+  $("member-list").replaceChildren(...items);
+  $("member-add").hidden = !owner;
+  $("leave-group").hidden = owner; // the owner can neither leave nor be removed
+}
+
+// ---------------------------------------------------------------------------------- typing and presence
+
+function onTyping(event) {
+  if (event.from_user === state.user) return;
+  const conversation = event.group_id ? `group:${event.group_id}` : `user:${event.from_user}`;
+  const who = state.typing.get(conversation) ?? new Map();
+  if (event.state === "started") who.set(event.from_user, Date.now() + TYPING_SHOWN_MS);
+  else who.delete(event.from_user);
+  state.typing.set(conversation, who);
+  renderHeader();
+  later(`typing-${conversation}`, TYPING_SHOWN_MS, renderHeader);
+}
+
+function stopTypingOf(conversation, user) {
+  state.typing.get(conversation)?.delete(user);
+  renderHeader();
+}
+
+function typingTarget(id) {
+  const [kind, target] = splitConversation(id);
+  return kind === "group" ? { group_id: target } : { to_user: target };
+}
+
+function typed() {
+  const id = state.open;
+  if (!id || id === `user:${state.user}`) return;
+  if (state.typingSent !== id) {
+    stopTyping();
+    if (publish({ type: "typing", state: "started", ...typingTarget(id) })) state.typingSent = id;
+  }
+  later("typing-idle", TYPING_IDLE_MS, stopTyping);
+}
+
+function stopTyping() {
+  clearTimeout(state.timers["typing-idle"]);
+  if (state.typingSent) publish({ type: "typing", state: "stopped", ...typingTarget(state.typingSent) });
+  state.typingSent = null;
+}
+
+function presenceText(user) {
+  const seen = state.presence.get(user);
+  if (!seen) return "";
+  if (seen.status === "online") return "online";
+  return seen.last_seen ? `last seen ${dayLabel(seen.last_seen).toLowerCase()} at ${clock(seen.last_seen)}` : "offline";
+}
+
+function renderHeader() {
+  const id = state.open;
+  if (!id) return;
+  $("conversation-title").textContent = titleOf(id);
+  const [kind, target] = splitConversation(id);
+  const now = Date.now();
+  const typing = [...(state.typing.get(id) ?? new Map()).entries()].filter(([, until]) => until > now).map(([u]) => u);
+  let status;
+  if (typing.length) {
+    status = kind === "group" ? `${typing.join(", ")} ${typing.length > 1 ? "are" : "is"} typing…` : "typing…";
+  } else if (kind === "group") {
+    const members = state.groups.get(target)?.members ?? [];
+    status = members.length ? `${members.length} members` : "";
+  } else {
+    status = presenceText(target);
+  }
+  const line = $("conversation-status");
+  line.textContent = status;
+  line.classList.toggle("typing", typing.length > 0);
+  line.classList.toggle("online", !typing.length && status === "online");
+  $("members-toggle").hidden = kind !== "group";
+  renderMembers();
+}
+
+// ---------------------------------------------------------------------------------- rendering
+
+const TICKS = { pending: "sending…", failed: "failed", sent: "\u2713", delivered: "\u2713\u2713", read: "\u2713\u2713" };
+
+function localDay(iso) {
+  const d = new Date(iso);
+  return `${d.getFullYear()}-${d.getMonth()}-${d.getDate()}`;
+}
+
+function clock(iso) {
+  return new Date(iso).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+}
+
+function dayLabel(iso) {
+  const day = localDay(iso);
+  if (day === localDay(new Date().toISOString())) return "Today";
+  if (day === localDay(new Date(Date.now() - 86400000).toISOString())) return "Yesterday";
+  const d = new Date(iso);
+  const sameYear = d.getFullYear() === new Date().getFullYear();
+  return d.toLocaleDateString([], { weekday: "short", day: "numeric", month: "short", ...(sameYear ? {} : { year: "numeric" }) });
+}
+
+function shortWhen(iso) {
+  return localDay(iso) === localDay(new Date().toISOString()) ? clock(iso) : dayLabel(iso);
+}
+
+function attachmentNode(attachment) {
+  if (attachment.content_type.startsWith("image/")) {
+    const img = el("img", { alt: attachment.name, testid: "attachment-preview" });
+    if (attachment.width && attachment.height) {
+      const scale = Math.min(1, 240 / attachment.width, 240 / attachment.height);
+      img.width = Math.max(1, Math.round(attachment.width * scale));
+      img.height = Math.max(1, Math.round(attachment.height * scale));
+    }
+    fileUrl(attachment.id, true).then((url) => { img.src = url; }).catch(() => { img.alt = `${attachment.name} (unavailable)`; });
+    const button = el("button", { type: "button", className: "image", testid: "attachment-image", title: attachment.name }, img);
+    button.addEventListener("click", () => view(attachment));
+    return button;
+  }
+  const link = el("a", { href: "#", className: "file", testid: "attachment-file", textContent: `${attachment.name} · ${formatSize(attachment.size)}` });
+  link.addEventListener("click", (event) => {
+    event.preventDefault();
+    download(attachment);
+  });
+  return link;
+}
+
+async function download(attachment) {
+  try {
+    const url = await fileUrl(attachment.id);
+    const a = el("a", { href: url, download: attachment.name });
+    document.body.append(a);
+    a.click();
+    a.remove();
+  } catch (error) {
+    showError(friendly(error));
+  }
+}
+
+async function view(attachment) {
+  try {
+    const url = await fileUrl(attachment.id);
+    $("viewer-image").src = url;
+    $("viewer-image").alt = attachment.name;
+    $("viewer-name").textContent = attachment.name;
+    $("viewer-download").onclick = () => download(attachment);
+    $("viewer").hidden = false;
+  } catch (error) {
+    showError(friendly(error));
+  }
+}
+
+function messageItem({ message, mine, status, showName, pending }) {
+  const recalled = message.content === null;
+  const item = el("li", { className: "message", testid: "message", dataset: { status: status ?? "", from: message.from_user, id: message.server_msg_id ? String(message.server_msg_id) : "" } });
+  if (mine) item.classList.add("mine");
+  if (showName) item.append(el("span", { className: "from", testid: "message-from", textContent: message.from_user }));
+  if (!recalled && message.attachment) item.append(attachmentNode(message.attachment));
+  const text = recalled ? "(message recalled)" : message.content;
+  const body = el("span", { className: recalled ? "text recalled" : "text", testid: "message-text", textContent: text });
+  body.hidden = !text;
+  item.append(body);
+  const meta = el("span", { className: "meta" });
+  const time = el("time", { testid: "message-time", dateTime: message.created_at, textContent: clock(message.created_at), title: new Date(message.created_at).toLocaleString() });
+  meta.append(time);
+  if (status) meta.append(el("span", { className: `ticks ${status}`, testid: "ticks", textContent: TICKS[status], title: status }));
+  const window = (state.config?.recall_window_seconds ?? 0) * 1000;
+  if (mine && !pending && !recalled && Date.now() - Date.parse(message.created_at) < window) {
+    const button = el("button", { type: "button", className: "link recall", testid: "recall", textContent: "Recall", title: "Recall this message for everyone" });
+    button.addEventListener("click", () => recall(message.server_msg_id));
+    meta.append(button);
+    recallEnds = Math.min(recallEnds, Date.parse(message.created_at) + window);
+  }
+  item.append(meta);
   return item;
 }
+
+let recallEnds = Infinity; // when the first Recall button shown must go
 
 function renderMessages() {
   const id = state.open;
   if (!id) return;
+  recallEnds = Infinity;
   const list = $("messages");
   const atBottom = list.scrollTop + list.clientHeight >= list.scrollHeight - 20;
+  const [kind] = splitConversation(id);
   const stored = [...state.messages.values()].sort((a, b) => a.server_msg_id - b.server_msg_id);
-  const items = stored.map((m) => {
-    const mine = m.from_user === state.user;
-    return messageItem({
-      from: m.from_user, mine, id: String(m.server_msg_id), recalled: m.content === null,
-      text: m.content ?? "(message recalled)", status: mine ? statusOf(m, id) : null,
-    });
-  });
+  const rows = stored.map((m) => ({ message: m, pending: false }));
   for (const entry of state.outbox.filter((e) => e.conversation_id === id)) {
-    const item = messageItem({ from: state.user, mine: true, text: entry.content, status: entry.status });
-    if (entry.error) item.title = entry.error;
+    rows.push({
+      pending: true,
+      message: { from_user: state.user, content: entry.content, attachment: entry.attachment ?? null, created_at: entry.created_at ?? new Date().toISOString() },
+      status: entry.status, error: entry.error,
+    });
+  }
+  const items = [];
+  if (state.olderBefore !== null) {
+    const more = el("li", { className: "older" }, el("button", { type: "button", className: "link", testid: "load-older", textContent: "Earlier messages" }));
+    more.firstChild.addEventListener("click", loadOlder);
+    items.push(more);
+  }
+  let lastDay = null;
+  let lastFrom = null;
+  for (const row of rows) {
+    const m = row.message;
+    const day = localDay(m.created_at);
+    if (day !== lastDay) {
+      items.push(el("li", { className: "day", testid: "day-separator", textContent: dayLabel(m.created_at) }));
+      lastDay = day;
+      lastFrom = null;
+    }
+    const mine = m.from_user === state.user;
+    // Names only where they help: in a group, on the first of a run of someone else's messages.
+    const showName = kind === "group" && !mine && lastFrom !== m.from_user;
+    const status = row.pending ? row.status : mine ? statusOf(m, id) : null;
+    const item = messageItem({ message: m, mine, status, showName, pending: row.pending });
+    if (row.error) item.title = row.error;
     items.push(item);
+    lastFrom = m.from_user;
+  }
+  for (const upload of state.uploads.filter((u) => u.conversation_id === id)) {
+    items.push(el("li", { className: "message mine uploading", testid: "uploading", textContent: `Sending ${upload.name}…` }));
   }
   list.replaceChildren(...items);
   if (atBottom) list.scrollTop = list.scrollHeight;
+  if (recallEnds !== Infinity) later("recall-window", Math.max(500, recallEnds - Date.now() + 50), renderMessages);
+}
+
+function scrollToBottom() {
+  const list = $("messages");
+  list.scrollTop = list.scrollHeight;
 }
 
 /** Read is what the user can see: an open conversation in a visible page. */
@@ -633,6 +1096,19 @@ function maybeMarkRead() {
 
 // ---------------------------------------------------------------------------------- wiring
 
+async function startChat(peer) {
+  if (!ID_RE.test(peer)) return showError("A user name has 1 to 64 letters, digits, '_', '.' or '-'.");
+  if (peer !== state.user) {
+    try {
+      await api("GET", `/v1/users/${encodeURIComponent(peer)}`); // refused at once, not at the first send
+    } catch (error) {
+      return showError(error.code === "unknown_user" ? `There is no user called ${peer}.` : friendly(error));
+    }
+  }
+  $("new-chat").reset();
+  openConversation(`user:${peer}`);
+}
+
 function wire() {
   $("login").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -642,16 +1118,13 @@ function wire() {
       await login(form.user.value.trim(), form.password.value);
       form.password.value = "";
     } catch (error) {
-      showError(error instanceof ApiError ? `${error.code}: ${error.message}` : String(error));
+      showError(error instanceof ApiError ? friendly(error) : String(error));
     }
   });
   $("logout").addEventListener("click", () => logout());
   $("new-chat").addEventListener("submit", (event) => {
     event.preventDefault();
-    const peer = event.target.peer.value.trim();
-    if (!ID_RE.test(peer)) return showError("a user id has 1-64 letters, digits, '_', '.' or '-'");
-    event.target.reset();
-    openConversation(`user:${peer}`);
+    startChat(event.target.peer.value.trim());
   });
   $("new-group").addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -663,7 +1136,7 @@ function wire() {
       await refreshConversations();
       openConversation(`group:${group.group_id}`);
     } catch (error) {
-      showError(`${error.code ?? "error"}: ${error.message}`);
+      showError(friendly(error));
     }
   });
   $("composer").addEventListener("submit", (event) => {
@@ -672,19 +1145,41 @@ function wire() {
     if (input.value && state.open) send(input.value);
     input.value = "";
   });
+  $("composer-input").addEventListener("input", (event) => (event.target.value ? typed() : stopTyping()));
+  $("composer-input").addEventListener("blur", stopTyping);
+  $("attach-input").addEventListener("change", (event) => {
+    const files = [...event.target.files];
+    event.target.value = "";
+    if (files.length && state.open) sendFiles(files);
+  });
+  $("messages").addEventListener("scroll", () => {
+    if ($("messages").scrollTop < 40) loadOlder();
+  });
+  $("back").addEventListener("click", closeConversation);
+  $("members-toggle").addEventListener("click", () => {
+    state.showMembers = !state.showMembers;
+    renderMembers();
+  });
+  $("member-add").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const user = event.target.user.value.trim();
+    if (!ID_RE.test(user)) return showError("A user name has 1 to 64 letters, digits, '_', '.' or '-'.");
+    event.target.reset();
+    changeMembers("add", user);
+  });
+  $("leave-group").addEventListener("click", () => changeMembers("leave", state.user));
+  $("viewer-close").addEventListener("click", () => { $("viewer").hidden = true; });
   $("error").addEventListener("click", clearError);
   document.addEventListener("visibilitychange", maybeMarkRead);
   window.addEventListener("offline", () => setStatus("offline"));
   window.addEventListener("online", () => state.mqtt && setStatus(state.ready ? "online" : "reconnecting"));
   setInterval(() => state.ready && flushOutbox(true), 5000);
+  setInterval(renderHeader, 30000); // "last seen" and typing indicators age
 }
 
 async function main() {
   wire();
-  if (!(await holdTabLock())) {
-    showError("mqchat is already open in another tab of this browser: use that one.");
-    return;
-  }
+  state.device = await claimDevice();
   const session = saved.get("mqchat.session", null);
   if (!session) {
     $("login").hidden = false;
@@ -696,7 +1191,7 @@ async function main() {
     await refreshToken(); // checks the saved token and extends it; brings the event key
     await start(session.user, state.token, state.eventKey);
   } catch (error) {
-    if (state.token) showError(`cannot start: ${error.message}`);
+    if (state.token) showError(`Cannot start: ${friendly(error)}`);
   }
 }
 

@@ -16,22 +16,25 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, func, insert, select
 
+from mqchat.bridge.storage.attachments import files_for_send
 from mqchat.bridge.storage.base import StoreBase
 from mqchat.bridge.storage.dialect import Dialect
 from mqchat.bridge.storage.groups import members_of
 from mqchat.bridge.storage.receipts import cursor
 from mqchat.bridge.storage.streams import Streams, latest, lock_covering, render, row_to_message
-from mqchat.bridge.store import OfflineHook, SendOutcome, SendRequest, StoredMessage, StreamPage
+from mqchat.bridge.store import OfflineHook, SendOutcome, SendRequest, StoredFile, StoredMessage, StreamPage
 from mqchat.bridge.tables import messages, push_outbox, stream_events
 from mqchat.core.errors import (
     ChatError,
     CursorExpired,
     InvalidCommand,
     NotAMember,
+    UnknownFile,
     UnknownGroup,
     UnknownRecipient,
     UnknownUser,
 )
+from mqchat.core.protocol import MsgType
 
 _STREAM_PAGE = (
     select(stream_events.c.seq, stream_events.c.kind, stream_events.c.payload, messages)
@@ -86,10 +89,13 @@ class SendsStore(StoreBase):
             members = members_of(conn, group_ids)
             return members, {u for group in members.values() for u in group}
 
+        file_ids = {r.attachment_id for r in requests if r.attachment_id is not None}
+
         def txn(conn: Connection) -> list[SendOutcome | ChatError]:
             streams, members = lock_covering(conn, self.sql, lambda: read(conn), also=people)
             existing = _find_existing(conn, self.sql, requests)
-            return _BatchWriter(conn, self.sql, streams, existing, members, self.push_hook).write(requests)
+            attached = files_for_send(conn, file_ids)
+            return _BatchWriter(conn, self.sql, streams, existing, members, self.push_hook, attached).write(requests)
 
         return await self.db.run("save_messages", txn, write=True)
 
@@ -127,7 +133,9 @@ class _BatchWriter:
         existing: dict[tuple[str, str], StoredMessage],
         members: dict[str, frozenset[str]],
         push_hook: OfflineHook | None = None,
+        files: dict[str, StoredFile] | None = None,
     ) -> None:
+        self._files = files or {}
         self._conn = conn
         self._dialect = dialect
         self._streams = streams
@@ -167,6 +175,13 @@ class _BatchWriter:
         ref = request.client_msg_id
         if request.sender not in self._streams.heads:
             return UnknownUser(f"no such user {request.sender!r}", ref=ref)
+        if request.attachment_id is not None:
+            found = self._files.get(request.attachment_id)
+            if found is None or found.owner != request.sender:
+                # Another user's file id, or none at all: the same answer, so ids cannot be probed.
+                return UnknownFile(
+                    f"attachment {request.attachment_id!r} is not a file you uploaded (POST /v1/files)", ref=ref
+                )
         if request.group_id is not None:
             members = self._members.get(request.group_id)
             if members is None:
@@ -182,6 +197,18 @@ class _BatchWriter:
         # A note to self has one stream entry.
         return [request.sender] if request.to_user == request.sender else [request.sender, request.to_user]
 
+    def _msg_type(self, request: SendRequest) -> MsgType:
+        """A message with a file and the default ``text`` label is labelled by the file's type."""
+        if request.attachment_id is None or request.msg_type != "text":
+            return request.msg_type
+        kind = self._files[request.attachment_id].content_type.partition("/")[0]
+        return "image" if kind == "image" else "video" if kind == "video" else "file"
+
+    def _attachment_json(self, request: SendRequest) -> str | None:
+        if request.attachment_id is None:
+            return None
+        return self._files[request.attachment_id].public().model_dump_json(exclude_none=True)
+
     def _insert(self, fresh: list[tuple[int, SendRequest, list[str]]]) -> list[SendOutcome]:
         if not fresh:
             return []
@@ -194,13 +221,15 @@ class _BatchWriter:
                 "to_user": r.to_user,
                 "group_id": r.group_id,
                 "content": r.content,
-                "msg_type": r.msg_type,
+                "msg_type": self._msg_type(r),
                 "sender_seq": user_seqs[0],
                 "created_at": now,
+                "attachment_id": r.attachment_id,
+                "attachment": self._attachment_json(r),
             }
             for (_, r, _), user_seqs in zip(fresh, seqs, strict=True)
         ]
-        stored = [StoredMessage(**row) for row in self._dialect.insert_messages(self._conn, rows)]
+        stored = [row_to_message(_Row(row)) for row in self._dialect.insert_messages(self._conn, rows)]
         outcomes = []
         for message, (_, _, audience), user_seqs in zip(stored, fresh, seqs, strict=True):
             before = len(self._streams.emitted)
@@ -224,3 +253,11 @@ class _BatchWriter:
         if rows:
             self._conn.execute(insert(push_outbox), [row | {"attempts": 0, "state": "pending"} for row in rows])
             hook.queued()
+
+
+class _Row:
+    """A dict of column values read as a row (``row.name``), for ``row_to_message``."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+        self.__dict__.setdefault("recalled_at", None)

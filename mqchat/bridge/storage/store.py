@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mqchat.bridge.storage.accounts import AccountsStore
 from mqchat.bridge.storage.admin import AdminStore
+from mqchat.bridge.storage.attachments import AttachmentsStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
@@ -25,6 +26,7 @@ class SqlStore(
     RetentionStore,
     AdminStore,
     PushStore,
+    AttachmentsStore,
 ):
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 

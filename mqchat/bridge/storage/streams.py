@@ -27,7 +27,7 @@ from mqchat.bridge.storage.database import SetChanged
 from mqchat.bridge.storage.dialect import Dialect
 from mqchat.bridge.store import Emitted, StoredMessage
 from mqchat.bridge.tables import users
-from mqchat.core.protocol import STREAM_EVENTS, AnyStreamEvent, NewMessage
+from mqchat.core.protocol import STREAM_EVENTS, AnyStreamEvent, Attachment, NewMessage
 
 NEW_MESSAGE = "new_message"
 _V = TypeVar("_V")
@@ -62,6 +62,7 @@ def row_to_message(row: Any) -> StoredMessage:
         sender_seq=row.sender_seq,
         created_at=utc(row.created_at) or datetime.now(UTC),
         recalled_at=utc(row.recalled_at),
+        attachment=Attachment.model_validate_json(row.attachment) if row.attachment else None,
     )
 
 
