@@ -179,6 +179,7 @@ def _listening(settings: Settings, server: RunningServer) -> str:
         ("MQTT over TLS", mqtt, server.mqtts_port, ""),
         ("MQTT-over-WebSocket over TLS", mqtt, server.wss_port, "/mqtt"),
         ("HTTPS", http, server.https_port, ""),
+        ("metrics", settings.metrics.host, server.metrics_port, "/metrics"),
     ]
     return ", ".join(f"{what} on {host}:{port}{path}" for what, host, port, path in listeners if port is not None)
 

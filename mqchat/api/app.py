@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +39,7 @@ from mqchat.api.schemas import (
 )
 from mqchat.bridge.auth import Claims
 from mqchat.bridge.composition import Services
+from mqchat.bridge.metrics import CONTENT_TYPE
 from mqchat.core.errors import InvalidCommand, NotAuthorized, NotFound
 from mqchat.core.ids import DeviceAddress, is_valid_id
 from mqchat.core.origin import encode_key
@@ -120,10 +122,24 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         """Where the browser page finds the broker: MQTT over WebSocket on this host."""
         return web_config
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz(services: ServicesDep) -> Health:
-        await services.store.ping()
-        return Health()
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        response_model_exclude_none=True,
+        responses={503: {"model": Health, "description": "Cannot store messages"}},
+    )
+    async def healthz(services: ServicesDep, response: Response) -> Health:
+        """200 while the database takes a write (a tiny transaction) within
+        ``database.health_timeout_seconds``; otherwise 503 with a machine-readable ``reason``."""
+        report = await services.health.check()
+        response.headers["Cache-Control"] = "no-store"
+        if report.ok:
+            return Health()
+        response.status_code = 503
+        return Health(status="unavailable", database="unavailable", reason=report.reason, detail=report.detail)
+
+    if settings.metrics.token is not None:
+        _install_metrics_route(app, settings.metrics.token)
 
     @app.post(
         "/v1/users",
@@ -274,6 +290,35 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         return await services.chat.presence_of(user, user_id)
 
     _install_group_routes(app)
+    return app
+
+
+def _metrics_response(services: Services) -> Response:
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+
+def _install_metrics_route(app: FastAPI, token: str) -> None:
+    expected = token.encode()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(
+        services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    ) -> Response:
+        """Prometheus text format, for requests bearing ``metrics.token``."""
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
+            raise NotAuthorized("/metrics needs the bearer token of metrics.token")
+        return _metrics_response(services)
+
+
+def create_metrics_app(services: Services) -> FastAPI:
+    """The ``metrics.port`` listener: ``GET /metrics`` and nothing else, without a token (bind it
+    to loopback or a private interface: ``metrics.host``)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return _metrics_response(services)
+
     return app
 
 

@@ -41,14 +41,16 @@ def _headers(exc: ChatError) -> dict[str, str] | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatError)
-    async def _chat_error(_: Request, exc: ChatError) -> JSONResponse:
+    async def _chat_error(request: Request, exc: ChatError) -> JSONResponse:
+        request.app.state.services.metrics.refused(exc.code, "http")
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
         return JSONResponse(
             error_body(exc.code, exc.message, retry_after), status_code=exc.status, headers=_headers(exc)
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.app.state.services.metrics.refused("invalid_command", "http")
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
         return JSONResponse(error_body("invalid_command", f"{where}: {first.get('msg')}"), status_code=422)

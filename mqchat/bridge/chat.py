@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mqchat.bridge.auth import EventKeys
+from mqchat.bridge.metrics import Metrics
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.presence import PresenceTracker, TypingThrottle
 from mqchat.bridge.ratelimit import ConcurrencyLimit, TokenBuckets
@@ -74,6 +76,7 @@ class _Pending:
     request: SendRequest
     device: DeviceAddress | None
     future: asyncio.Future[MessageAck] | None
+    accepted: float = field(default_factory=time.perf_counter)
 
 
 def _ack_for(outcome: SendOutcome) -> MessageAck:
@@ -139,8 +142,10 @@ class ChatService:
         max_payload_bytes: int,
         limits: LimitsSettings | None = None,
         event_keys: EventKeys | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         # Signs what goes to stream and device topics, so devices can tell forgeries (core/origin.py).
         self._keys = event_keys
         self._settings = settings
@@ -155,6 +160,7 @@ class ChatService:
         self.groups = GroupDirectory(store)
         self.presence = PresenceTracker()
         self._typing = TypingThrottle(settings.typing_interval_seconds)
+        self._metrics.watch_chat(self._queue.qsize, settings.queue_size, self.notifier.waiting)
 
     @property
     def store(self) -> MessageStore:
@@ -204,6 +210,7 @@ class ChatService:
         """
         try:
             command = parse_command(payload, max_bytes=self._max_payload)
+            self._metrics.command(command.type)
             self._limits.commands.take(device.user_id, ref=getattr(command, "client_msg_id", None), what="commands")
             if isinstance(command, SendMessage | SendGroupMessage):
                 self._limit_send(device.user_id, device.client_id, command.client_msg_id)
@@ -235,6 +242,7 @@ class ChatService:
 
         Rate-limited per user, and per device when the token names one (else as the user's HTTP device).
         """
+        self._metrics.command(command.type)
         self._limits.commands.take(sender, ref=command.client_msg_id, what="commands")
         self._limit_send(sender, f"{sender}:{device_id}" if device_id else f"{sender}/http", command.client_msg_id)
         future: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()
@@ -300,13 +308,15 @@ class ChatService:
             await self._answer_batch(batch, outcomes)
         except Exception:  # stored already: a failed publish is recovered by sync, not retried here
             log.exception("publishing a stored batch failed")
+            self._metrics.unpublished(outcomes)
         finally:
             for _ in batch:
                 self._queue.task_done()
 
     async def _store_batch(self, batch: list[_Pending]) -> list[SendOutcome | ChatError]:
         try:
-            return list(await self._store.save_messages([p.request for p in batch]))
+            with self._metrics.committing(len(batch)):
+                return list(await self._store.save_messages([p.request for p in batch]))
         except ChatError as exc:
             return [exc] * len(batch)
 
@@ -325,6 +335,7 @@ class ChatService:
             if pending.device is not None:
                 await self.reply(pending.device, ack)
         await self.publish_events(tuple(e for o in outcomes if isinstance(o, SendOutcome) for e in o.events))
+        self._metrics.handed_off([p.accepted for p in batch], outcomes)
 
     def _fail(self, pending: _Pending, error: ChatError) -> None:
         if pending.future is not None and not pending.future.done():
@@ -448,6 +459,7 @@ class ChatService:
         self.notifier.notify(user_id for user_id, _ in emitted)
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
+        self._metrics.replied(event)
         await self._publish(device_topic(device), self._signed(device.user_id, encode_event(event)))
 
     def _signed(self, user_id: str, payload: bytes) -> bytes:

@@ -135,6 +135,16 @@ class DeviceRevocation(SQLModel, table=True):
     revoked_at_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
 
 
+class HealthCheck(SQLModel, table=True):
+    """One row per node, rewritten by its health check (bridge/health.py): a node reports
+    healthy only while this write commits in time, so a full or read-only disk shows."""
+
+    __tablename__ = "health"
+
+    node_id: str = Field(primary_key=True, max_length=255)
+    checked_at_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
 METADATA = SQLModel.metadata
 users = User.__table__  # type: ignore[attr-defined]
 # Ids are case-sensitive (they are topic levels), but two that differ only in case would be
@@ -147,3 +157,4 @@ stream_events = StreamEventRow.__table__  # type: ignore[attr-defined]
 device_cursors = DeviceCursor.__table__  # type: ignore[attr-defined]
 conversation_marks = ConversationMark.__table__  # type: ignore[attr-defined]
 device_revocations = DeviceRevocation.__table__  # type: ignore[attr-defined]
+health = HealthCheck.__table__  # type: ignore[attr-defined]

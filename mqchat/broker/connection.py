@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from mqchat.bridge.metrics import Metrics
 from mqchat.config import LimitsSettings
 from mqchat.core import mqtt
 from mqchat.core.ids import DeviceAddress
@@ -68,6 +69,8 @@ class State(enum.Enum):
 
 class Broker(Protocol):
     """What a connection asks of the broker (``MqttServer``)."""
+
+    metrics: Metrics
 
     def connect(self, connection: MqttConnection, packet: Connect) -> Awaitable[None]: ...
 
@@ -231,6 +234,7 @@ class MqttConnection(asyncio.Protocol):
             except UnsupportedProtocol as exc:
                 # MQTT 3.1.1, 3.1.2.2: answer 0x01 and close. Not an attack: logged at INFO.
                 log.info("closing MQTT connection from %s: %s", self.peer, exc)
+                self._broker.metrics.connect_answered(mqtt.UNACCEPTABLE_PROTOCOL)
                 self.send(Connack(False, mqtt.UNACCEPTABLE_PROTOCOL).encode())
                 self.close()
                 return
@@ -367,6 +371,7 @@ class MqttConnection(asyncio.Protocol):
         if self.closed:
             return
         log.warning("%r reads too slowly (%s): closing; it catches up when it reconnects", self, why)
+        self._broker.metrics.slow_reader_dropped()
         self.close(abort=True)
 
     def refuse(self, why: str) -> None:

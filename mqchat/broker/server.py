@@ -63,6 +63,8 @@ class MqttServer:
     def __init__(self, services: Services, settings: Settings | None = None) -> None:
         self._services = services
         self._chat = services.chat
+        self.metrics = services.metrics
+        self.metrics.watch_broker(self)
         self._settings = settings or services.settings
         self._limits = self._settings.limits
         self._acl = TopicAcl(services.chat)
@@ -169,8 +171,12 @@ class MqttServer:
             code = self._check_limits(connection, device, packet)
         if connection.closed:
             return
+        self.metrics.connect_answered(code)
         if device is None or code != mqtt.ACCEPTED:
-            log.info("refused MQTT connection from %s (%s): CONNACK %d", connection.peer, packet.client_id[:80], code)
+            if device is None:  # a refusal by _check_limits has been logged there, with its reason
+                log.info(
+                    "refused MQTT connection from %s (%s): CONNACK %d", connection.peer, packet.client_id[:80], code
+                )
             connection.send(Connack(False, code).encode())
             connection.close()
             return

@@ -11,6 +11,7 @@
     recall.py         recall
     conversations.py  conversations, history, unread counts
     groups.py         groups and membership
+    health.py         the health write (one row per node)
 
 Every transaction is a plain function of a SQLAlchemy ``Connection``; the concern classes
 are combined in ``SqlStore``, which implements ``MessageStore`` (bridge/store.py). Callers

@@ -6,18 +6,19 @@ from mqchat.bridge.storage.accounts import AccountsStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
+from mqchat.bridge.storage.health import HealthStore
 from mqchat.bridge.storage.recall import RecallStore
 from mqchat.bridge.storage.receipts import ReceiptsStore
 from mqchat.bridge.storage.schema import SchemaState, migrate, state
 from mqchat.bridge.storage.sends import SendsStore
 
 
-class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, ConversationsStore, GroupsStore):
+class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, ConversationsStore, GroupsStore, HealthStore):
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 
     @classmethod
-    def from_url(cls, url: str) -> SqlStore:
-        return cls(open_database(url))
+    def from_url(cls, url: str, *, statement_timeout: float = 5.0) -> SqlStore:
+        return cls(open_database(url, statement_timeout=statement_timeout))
 
     @property
     def database(self) -> Database:
@@ -37,6 +38,10 @@ class SqlStore(AccountsStore, SendsStore, ReceiptsStore, RecallStore, Conversati
 
     async def ping(self) -> None:
         await self.db.run("ping", ping)
+
+    async def unreachable(self) -> str | None:
+        """None if the database answers, else why not (one line, not logged)."""
+        return await self.db.unreachable()
 
     async def close(self) -> None:
         await self.db.close()
