@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mqchat import __version__
+from mqchat import __version__, logs
 from mqchat.bench import command as bench_command
 from mqchat.bridge.composition import build_services
 from mqchat.bridge.storage import SqlStore
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-port", type=int, help="MQTT over WebSocket (default 8083)")
     serve.add_argument("--http-port", type=int, help="HTTP API (default 8080)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (default INFO)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="text or JSON lines (default text)")
 
     user = commands.add_parser("user", help="manage accounts")
     user_commands = user.add_subparsers(dest="user_command", required=True)
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     """Flags win over the environment and the config file, key by key, and are validated alike."""
     overrides: dict[str, Any] = {}
-    for key in ("data_dir", "database_url", "log_level"):
+    for key in ("data_dir", "database_url", "log_level", "log_format"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     mqtt: dict[str, Any] = {}
@@ -227,10 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mqchat: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # amqtt logs every connection at INFO; keep our INFO readable.
-    for noisy in ("amqtt", "transitions", "websockets", "alembic"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Text or JSON lines, with the node id; libraries that would log payloads stay at WARNING.
+    logs.configure(settings.log_level, settings.log_format, settings.resolved_node_id())
     try:
         if args.command == "serve":
             with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:

@@ -23,6 +23,7 @@ from mqchat.bridge.composition import Services, build_services
 from mqchat.broker.amqtt_host import AmqttHost
 from mqchat.broker.server import MqttServer
 from mqchat.config import Settings
+from mqchat.logs import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ async def _serve_http(
         proxy_headers=bool(trusted),
         forwarded_allow_ips=list(trusted) if trusted else None,
         log_level="warning",
+        log_config=None,  # uvicorn's lines go through mqchat's handler and format (mqchat.logs)
         lifespan="off",
         access_log=False,  # an access log would record query strings and client addresses at INFO
         timeout_graceful_shutdown=5,
@@ -180,6 +182,7 @@ def _serve_metrics(services: Services, sock: socket.socket) -> contextlib.Abstra
         ws="none",
         timeout_keep_alive=services.settings.http.keepalive_timeout_seconds,
         log_level="warning",
+        log_config=None,
         lifespan="off",
         access_log=False,
         timeout_graceful_shutdown=1,
@@ -268,6 +271,7 @@ class FdExhaustion:
 @asynccontextmanager
 async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     check_ports(settings)
+    quiet_libraries()  # whoever set up logging: no SQL rows or frames at DEBUG
     http_socks = _http_sockets(settings)
     fds = FdExhaustion().install(asyncio.get_running_loop())
     try:

@@ -16,6 +16,7 @@ from mqchat import __version__
 from mqchat.api.errors import install_error_handlers
 from mqchat.api.headers import SecurityHeaders
 from mqchat.api.limits import BodySizeLimit
+from mqchat.api.requestid import RequestId
 from mqchat.api.schemas import (
     ClientConfig,
     ConversationList,
@@ -108,8 +109,10 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     )
 
     web_config = client_config or ClientConfig.of(settings)
-    # Added last, so outermost: the 413 and 408 of BodySizeLimit get the headers too.
+    # Added late, so outer: the 413 and 408 of BodySizeLimit get the headers too.
     app.add_middleware(SecurityHeaders, client_config=web_config)
+    # Outermost: everything logged while handling a request carries its id.
+    app.add_middleware(RequestId)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

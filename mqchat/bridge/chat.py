@@ -21,6 +21,7 @@ from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mqchat import logs
 from mqchat.bridge.auth import EventKeys
 from mqchat.bridge.metrics import Metrics
 from mqchat.bridge.notify import StreamNotifier
@@ -211,6 +212,7 @@ class ChatService:
         try:
             command = parse_command(payload, max_bytes=self._max_payload)
             self._metrics.command(command.type)
+            logs.command.set(command.type)  # for what this command logs, in the tasks it starts too
             self._limits.commands.take(device.user_id, ref=getattr(command, "client_msg_id", None), what="commands")
             if isinstance(command, SendMessage | SendGroupMessage):
                 self._limit_send(device.user_id, device.client_id, command.client_msg_id)
@@ -243,6 +245,7 @@ class ChatService:
         Rate-limited per user, and per device when the token names one (else as the user's HTTP device).
         """
         self._metrics.command(command.type)
+        logs.command.set(command.type)  # in this request's context only
         self._limits.commands.take(sender, ref=command.client_msg_id, what="commands")
         self._limit_send(sender, f"{sender}:{device_id}" if device_id else f"{sender}/http", command.client_msg_id)
         future: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()

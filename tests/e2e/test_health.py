@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,8 @@ from sqlalchemy import make_url
 
 from mqchat.config import Settings
 from mqchat.runner import RunningServer, run_server
-from tests.conftest import REQUIRE_SERVICES
+from tests.faults import StallingProxy, fill, small_disk
 from tests.helpers import connect_device, http_client, register
-from tests.proxy import StallingProxy
 
 BOUND = 1.0
 """database.health_timeout_seconds and database.statement_timeout_seconds in these tests."""
@@ -70,42 +67,6 @@ async def until_healthy(server: RunningServer, within: float = 15) -> None:
 
 
 # ------------------------------------------------------------------ a full disk
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``path``: a disk that really fills up (needs root)."""
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        reason = f"cannot mount a small tmpfs to fill ({mounted.stderr.strip()}); the full-disk test needs root"
-        if REQUIRE_SERVICES:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as exc:
-        assert exc.errno == 28, exc  # ENOSPC
-    try:
-        while True:  # the last pages, one by one
-            os.write(fd, b"\0" * 512)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def test_a_full_disk_fails_health_and_sends_until_there_is_room(

@@ -1,16 +1,31 @@
-"""A TCP proxy for fault tests: forwards to a real server until told to go silent.
+"""Real faults for tests: a database that goes silent, a disk that fills up.
 
-``stall()`` makes it stop forwarding in both directions while keeping every connection
-open: what a network partition or a hung database looks like from the client side (no
-error, no answer). ``resume()`` delivers what was held and forwards again. The proxy can
-be created on a chosen port and started later, to play a database that is not up yet.
+``StallingProxy`` forwards TCP to a real server until ``stall()``: then it stops
+forwarding in both directions while keeping every connection open, which is what a network
+partition or a hung database looks like from the client side (no error, no answer).
+``resume()`` delivers what was held and forwards again. It can be created on a chosen port
+and started later, to play a database that is not up yet.
+
+``small_disk`` mounts a small tmpfs (root only; a skip with the reason elsewhere, a failure
+under ``MQCHAT_REQUIRE_SERVICES=1``) and ``fill`` fills it: writes then fail with ENOSPC,
+as on a full disk. (A read-only remount cannot be had while SQLite holds the database open
+for writing: the kernel refuses it as busy; a full disk fails the same writes.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REQUIRE_SERVICES
 
 
 def free_port() -> int:
@@ -69,3 +84,41 @@ class StallingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
+    """A tmpfs of ``size`` at ``path``: a disk that really fills up."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        reason = f"cannot mount a small tmpfs to fill ({mounted.stderr.strip()}); full-disk tests need root"
+        if REQUIRE_SERVICES:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte; returns the file to delete to make room again."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (65536, 512):  # big writes, then the last pages
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * chunk)
+        try:
+            os.write(fd, b"\0")
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        else:
+            raise AssertionError(f"{disk} did not fill up")
+    finally:
+        os.close(fd)
+    return filler
