@@ -101,6 +101,13 @@ async def test_the_metrics_listener_labels_everything_with_the_node(tmp_path: Pa
             sent = await http.post("/v1/messages", json={"client_msg_id": "a-1", "to_user": "bob", "content": "x"})
             assert sent.status_code == 200
         one, two = await scrape(first), await scrape(second)
+        # Redis health exists from the cluster code's first report on, for that node only.
+        assert not any(name == "mqchat_redis_up" for name, _ in one)
+        first.services.metrics.redis_checked(False)
+        assert value(await scrape(first), "mqchat_redis_up", node="node-a") == 0
+        first.services.metrics.redis_checked(True)
+        assert value(await scrape(first), "mqchat_redis_up") == 1
+        assert not any(name == "mqchat_redis_up" for name, _ in await scrape(second))
     for samples, node in ((one, "node-a"), (two, "node-b")):
         assert {dict(labels)["node"] for _, labels in samples} == {node}
         for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
