@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mqchat import __version__
+from mqchat import __version__, logs
 from mqchat.bench import command as bench_command
 from mqchat.bridge.admin import Administration
 from mqchat.bridge.composition import build_services
@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (default INFO)")
     serve.add_argument("--redis-url", help="cluster mode: e.g. redis://127.0.0.1:6379/0 (default: a single node)")
     serve.add_argument("--node-id", help="this node's name in the cluster (default: host name and process id)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="text or JSON lines (default text)")
 
     user = commands.add_parser("user", help="manage accounts")
     user_commands = user.add_subparsers(dest="user_command", required=True)
@@ -128,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> Settings:
     """Flags win over the environment and the config file, key by key, and are validated alike."""
     overrides: dict[str, Any] = {}
-    for key in ("data_dir", "database_url", "log_level", "redis_url", "node_id"):
+    for key in ("data_dir", "database_url", "log_level", "log_format", "redis_url", "node_id"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     mqtt: dict[str, Any] = {}
@@ -248,6 +249,7 @@ def _listening(settings: Settings, server: RunningServer) -> str:
         ("MQTT over TLS", mqtt, server.mqtts_port, ""),
         ("MQTT-over-WebSocket over TLS", mqtt, server.wss_port, "/mqtt"),
         ("HTTPS", http, server.https_port, ""),
+        ("metrics", settings.metrics.host, server.metrics_port, "/metrics"),
     ]
     return ", ".join(f"{what} on {host}:{port}{path}" for what, host, port, path in listeners if port is not None)
 
@@ -407,10 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"mqchat: {missing}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # amqtt logs every connection at INFO; keep our INFO readable.
-    for noisy in ("amqtt", "transitions", "websockets", "alembic"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Text or JSON lines, with the node id; libraries that would log payloads stay at WARNING.
+    logs.configure(settings.log_level, settings.log_format, settings.resolved_node_id())
     try:
         if args.command == "serve":
             with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,6 +183,29 @@ class DatabaseSettings(_Section):
     """Apply pending schema migrations when a command starts (under a database lock). False:
     refuse to start on an older schema until ``mqchat db upgrade`` has run, e.g. to migrate
     a cluster's database once, on purpose, before starting new nodes."""
+    statement_timeout_seconds: float = Field(default=5, gt=0, le=3600)
+    """PostgreSQL: the longest a statement may run (server side, ``statement_timeout``) and
+    wait for an answer (client side, one second more): a silent database fails sends with
+    ``storage_unavailable`` within this instead of holding them for the whole outage.
+    Migrations are exempt."""
+    health_timeout_seconds: float = Field(default=2, gt=0, le=60)
+    """``/healthz`` answers 503 when the health write (one tiny transaction) takes longer."""
+
+
+class MetricsSettings(_Section):
+    """``GET /metrics`` (Prometheus text format); off unless ``token`` or ``port`` is set."""
+
+    token: str | None = Field(default=None, min_length=16)
+    """Serve ``/metrics`` on the HTTP API listeners to requests bearing this token
+    (``Authorization: Bearer ...``). Unset: the API listeners have no ``/metrics``."""
+    port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve ``/metrics`` (without a token) on a listener of its own at ``host:port``."""
+    host: str = "127.0.0.1"
+    """Interface of the ``port`` listener: loopback unless a scraper elsewhere must reach it."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None or self.port is not None
 
 
 class RetentionSettings(_Section):
@@ -317,10 +341,15 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     redis_url: str | None = None
     """Redis for cluster mode, e.g. ``redis://127.0.0.1:6379/0``. Unset: a single node."""
-    node_id: str | None = None
-    """This node's name in the cluster (default: host name and process id)."""
+    node_id: str | None = Field(default=None, min_length=1, max_length=255)
+    """This node's name in the cluster, metrics, logs and health rows. Unset: the host name in
+    metrics, logs and health; in cluster mode the host name and process id (give every node its
+    own, stable one: ``--node-id``)."""
     cluster: ClusterSettings = ClusterSettings()
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line, with the node id and, where known, the request id,
+    client id and command type."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """``auto``: uvloop when it is installed (``pip install mqchat[fast]``), else asyncio's own."""
     mqtt: MqttSettings = MqttSettings()
@@ -332,6 +361,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = RetentionSettings()
     push: PushSettings = PushSettings()
     files: FilesSettings = FilesSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -357,6 +387,9 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'mqchat.db').resolve()}"
+
+    def resolved_node_id(self) -> str:
+        return self.node_id or socket.gethostname()
 
     def prepare_data_dir(self) -> None:
         """Create the data directory readable by its owner only (it holds the database and the

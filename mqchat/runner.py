@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from mqchat.api.app import create_app
+from mqchat.api.app import create_app, create_metrics_app
 from mqchat.api.http11 import GuardedH11Protocol
 from mqchat.api.logthrottle import LogThrottle
 from mqchat.api.schemas import ClientConfig
@@ -23,6 +23,7 @@ from mqchat.bridge.composition import Services, build_services
 from mqchat.broker.amqtt_host import AmqttHost
 from mqchat.broker.server import MqttServer
 from mqchat.config import Settings
+from mqchat.logs import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class RunningServer:
     mqtts_port: int | None = None
     wss_port: int | None = None
     https_port: int | None = None
+    metrics_port: int | None = None
 
 
 def _bind(host: str, port: int, flag: str) -> socket.socket:
@@ -72,7 +74,8 @@ def check_ports(settings: Settings) -> None:
 
 
 def _http_sockets(settings: Settings) -> dict[str, socket.socket]:
-    """The HTTP and/or HTTPS sockets: bound before anything starts, listened on by uvicorn."""
+    """The HTTP and/or HTTPS sockets (and the ``metrics.port`` one): bound before anything
+    starts, listened on by uvicorn."""
     wanted = []
     if settings.tls.plain_listeners:
         wanted.append(("http", settings.http.port, "--http-port"))
@@ -83,6 +86,9 @@ def _http_sockets(settings: Settings) -> dict[str, socket.socket]:
         for name, port, flag in wanted:
             sockets[name] = _bind(settings.http.host, port, flag)
             sockets[name].listen(2048)
+        if settings.metrics.port is not None:
+            sockets["metrics"] = _bind(settings.metrics.host, settings.metrics.port, "metrics.port")
+            sockets["metrics"].listen(64)
     except PortInUse:
         for sock in sockets.values():
             sock.close()
@@ -139,12 +145,19 @@ async def _serve_http(
         proxy_headers=bool(trusted),
         forwarded_allow_ips=list(trusted) if trusted else None,
         log_level="warning",
+        log_config=None,  # uvicorn's lines go through mqchat's handler and format (mqchat.logs)
         lifespan="off",
         access_log=False,  # an access log would record query strings and client addresses at INFO
         timeout_graceful_shutdown=5,
         ssl_certfile=str(settings.tls.certfile) if tls else None,
         ssl_keyfile=str(settings.tls.keyfile) if tls else None,
     )
+    async with _uvicorn(config, sock):
+        yield
+
+
+@asynccontextmanager
+async def _uvicorn(config: uvicorn.Config, sock: socket.socket) -> AsyncIterator[None]:
     http = _EmbeddedUvicorn(config)
     http_task = asyncio.create_task(http.serve(sockets=[sock]))
     while not http.started:
@@ -157,6 +170,24 @@ async def _serve_http(
     finally:
         http.should_exit = True
         await http_task
+
+
+def _serve_metrics(services: Services, sock: socket.socket) -> contextlib.AbstractAsyncContextManager[None]:
+    """The ``metrics.port`` listener: only ``GET /metrics``, for a scraper (few connections)."""
+    config = uvicorn.Config(
+        create_metrics_app(services),
+        http=GuardedH11Protocol.configured(
+            header_timeout=services.settings.http.header_timeout_seconds, max_connections=64, listener="metrics"
+        ),
+        ws="none",
+        timeout_keep_alive=services.settings.http.keepalive_timeout_seconds,
+        log_level="warning",
+        log_config=None,
+        lifespan="off",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )
+    return _uvicorn(config, sock)
 
 
 _ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
@@ -240,10 +271,11 @@ class FdExhaustion:
 @asynccontextmanager
 async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
     check_ports(settings)
+    quiet_libraries()  # whoever set up logging: no SQL rows or frames at DEBUG
     http_socks = _http_sockets(settings)
     fds = FdExhaustion().install(asyncio.get_running_loop())
     try:
-        async with build_services(settings, serve=True) as services:
+        async with build_services(settings, serving=True) as services:
             broker = MqttServer(services)
             host = AmqttHost(broker, settings)
             await host.start()
@@ -256,6 +288,9 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                 client_config = ClientConfig(ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss"))
                 async with contextlib.AsyncExitStack() as stack:
                     for name, sock in http_socks.items():
+                        if name == "metrics":
+                            await stack.enter_async_context(_serve_metrics(services, sock))
+                            continue
                         await stack.enter_async_context(
                             _serve_http(services, sock, tls=name == "https", client_config=client_config)
                         )
@@ -288,4 +323,5 @@ def _running(services: Services, broker: MqttServer, http_socks: dict[str, socke
         mqtts_port=broker.bound_port("mqtts"),
         wss_port=broker.bound_port("wss"),
         https_port=http_port("https"),
+        metrics_port=http_port("metrics"),
     )

@@ -45,6 +45,16 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 
 @pytest.fixture
+async def postgres_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database of its own (its SQLAlchemy URL), dropped afterwards."""
+    url, name = await postgres.fresh_database()
+    try:
+        yield url
+    finally:
+        await postgres.drop_database(name)
+
+
+@pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     return Settings.load(
         None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 from typing import Annotated
 
@@ -12,11 +13,12 @@ from fastapi.staticfiles import StaticFiles
 
 from mqchat import __version__
 from mqchat.api.admin import install_admin_routes
-from mqchat.api.deps import ClaimsDep, ServicesDep, UserDep
+from mqchat.api.deps import BearerDep, ClaimsDep, ServicesDep, UserDep
 from mqchat.api.errors import install_error_handlers
 from mqchat.api.files import MULTIPART_OVERHEAD, UPLOAD_PATH, install_file_routes
 from mqchat.api.headers import SecurityHeaders
 from mqchat.api.limits import BodySizeLimit
+from mqchat.api.requestid import RequestId
 from mqchat.api.schemas import (
     ClientConfig,
     ConversationList,
@@ -39,7 +41,8 @@ from mqchat.api.schemas import (
     UserPublic,
 )
 from mqchat.bridge.composition import Services
-from mqchat.core.errors import NotFound, UnknownUser
+from mqchat.bridge.metrics import CONTENT_TYPE
+from mqchat.core.errors import NotAuthorized, NotFound, UnknownUser
 from mqchat.core.ids import ConversationId, DeviceAddress, check_id, is_valid_id
 from mqchat.core.origin import encode_key
 from mqchat.core.protocol import SYNC_DEFAULT_LIMIT, SYNC_MAX_LIMIT, MessageAck, Presence, SyncResponse
@@ -101,6 +104,8 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     )
     # Added last, so outermost: the 413 and 408 of BodySizeLimit get the headers too.
     app.add_middleware(SecurityHeaders, client_config=web_config)
+    # Outermost: everything logged while handling a request carries its id.
+    app.add_middleware(RequestId)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -118,10 +123,24 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
         """Where the browser page finds the broker: MQTT over WebSocket on this host."""
         return web_config
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz(services: ServicesDep) -> Health:
-        await services.store.ping()
-        return Health()
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        response_model_exclude_none=True,
+        responses={503: {"model": Health, "description": "Cannot store messages"}},
+    )
+    async def healthz(services: ServicesDep, response: Response) -> Health:
+        """200 while the database takes a write (a tiny transaction) within
+        ``database.health_timeout_seconds``; otherwise 503 with a machine-readable ``reason``."""
+        report = await services.health.check()
+        response.headers["Cache-Control"] = "no-store"
+        if report.ok:
+            return Health()
+        response.status_code = 503
+        return Health(status="unavailable", database="unavailable", reason=report.reason, detail=report.detail)
+
+    if settings.metrics.token is not None:
+        _install_metrics_route(app, settings.metrics.token)
 
     @app.post(
         "/v1/users",
@@ -280,6 +299,33 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     _install_group_routes(app)
     install_admin_routes(app)
     install_file_routes(app)
+    return app
+
+
+def _metrics_response(services: Services) -> Response:
+    return Response(services.metrics.exposition(), media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+
+def _install_metrics_route(app: FastAPI, token: str) -> None:
+    expected = token.encode()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(services: ServicesDep, credentials: BearerDep) -> Response:
+        """Prometheus text format, for requests bearing ``metrics.token``."""
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
+            raise NotAuthorized("/metrics needs the bearer token of metrics.token")
+        return _metrics_response(services)
+
+
+def create_metrics_app(services: Services) -> FastAPI:
+    """The ``metrics.port`` listener: ``GET /metrics`` and nothing else, without a token (bind it
+    to loopback or a private interface: ``metrics.host``)."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return _metrics_response(services)
+
     return app
 
 

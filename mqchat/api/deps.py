@@ -13,6 +13,9 @@ from mqchat.core.errors import NotAuthorized
 
 _bearer = HTTPBearer(auto_error=False, description="An access token from POST /v1/token")
 
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+"""The bearer credentials as sent, unchecked (``/metrics`` compares them with its own token)."""
+
 
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services

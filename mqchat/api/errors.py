@@ -45,7 +45,8 @@ def _headers(exc: ChatError) -> dict[str, str] | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ChatError)
-    async def _chat_error(_: Request, exc: ChatError) -> JSONResponse:
+    async def _chat_error(request: Request, exc: ChatError) -> JSONResponse:
+        request.app.state.services.metrics.refused(exc.code, "http")
         retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
         extra = {"oldest_seq": exc.oldest_seq, "latest_seq": exc.latest_seq} if isinstance(exc, CursorExpired) else {}
         return JSONResponse(
@@ -53,7 +54,8 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.app.state.services.metrics.refused("invalid_command", "http")
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "request"
         return JSONResponse(error_body("invalid_command", f"{where}: {first.get('msg')}"), status_code=422)

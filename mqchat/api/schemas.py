@@ -207,8 +207,14 @@ class HistoryPage(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-    database: Literal["ok"] = "ok"
+    """``GET /healthz``: 200 with ``status: ok``, or 503 with ``status: unavailable`` and why."""
+
+    status: Literal["ok", "unavailable"] = "ok"
+    database: Literal["ok", "unavailable"] = "ok"
+    reason: Literal["storage_unavailable", "storage_timeout"] | None = None
+    """Machine-readable: ``storage_unavailable`` (the health write failed: disk full, read-only,
+    database refusing), ``storage_timeout`` (no answer within ``database.health_timeout_seconds``)."""
+    detail: str | None = None
 
 
 class ClientConfig(BaseModel):

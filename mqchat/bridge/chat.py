@@ -17,12 +17,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mqchat import logs
 from mqchat.bridge.auth import EventKeys
 from mqchat.bridge.cluster import Bucket, Degraded, RedisCluster
 from mqchat.bridge.fanout import Fanout, Publisher, SessionControl
+from mqchat.bridge.metrics import Metrics
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.presence import ClusterPresence, LocalPresence, PresenceBook, TypingThrottle
 from mqchat.bridge.ratelimit import ConcurrencyLimit, TokenBuckets
@@ -67,6 +69,7 @@ class _Pending:
     request: SendRequest
     device: DeviceAddress | None
     future: asyncio.Future[MessageAck] | None
+    accepted: float = field(default_factory=time.perf_counter)
 
 
 def _ack_for(outcome: SendOutcome) -> MessageAck:
@@ -152,8 +155,10 @@ class ChatService:
         event_keys: EventKeys | None = None,
         cluster: RedisCluster | None = None,
         group_cache_seconds: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics or Metrics()
         self._settings = settings
         self._max_payload = max_payload_bytes
         self._limits = _Limits(limits or LimitsSettings())
@@ -169,6 +174,7 @@ class ChatService:
         self.presence: PresenceBook = LocalPresence() if cluster is None else ClusterPresence(cluster)
         self.fanout.on_presence = self.presence.note
         self._typing = TypingThrottle(settings.typing_interval_seconds)
+        self._metrics.watch_chat(self._queue.qsize, settings.queue_size, self.notifier.waiting)
 
     @property
     def store(self) -> MessageStore:
@@ -226,6 +232,8 @@ class ChatService:
         """
         try:
             command = parse_command(payload, max_bytes=self._max_payload)
+            self._metrics.command(command.type)
+            logs.command.set(command.type)  # for what this command logs, in the tasks it starts too
             self._limits.commands.take(device.user_id, ref=getattr(command, "client_msg_id", None), what="commands")
             if isinstance(command, SendMessage | SendGroupMessage):
                 self._limit_send(device.user_id, device.client_id, command.client_msg_id)
@@ -257,6 +265,8 @@ class ChatService:
 
         Rate-limited per user, and per device when the token names one (else as the user's HTTP device).
         """
+        self._metrics.command(command.type)
+        logs.command.set(command.type)  # in this request's context only
         self._limits.commands.take(sender, ref=command.client_msg_id, what="commands")
         self._limit_send(sender, f"{sender}:{device_id}" if device_id else f"{sender}/http", command.client_msg_id)
         future: asyncio.Future[MessageAck] = asyncio.get_running_loop().create_future()
@@ -325,6 +335,7 @@ class ChatService:
             await self._answer_batch(batch, outcomes)
         except Exception:  # stored already: a failed publish is recovered by sync, not retried here
             log.exception("publishing a stored batch failed")
+            self._metrics.unpublished(outcomes)
         finally:
             for _ in batch:
                 self._queue.task_done()
@@ -333,7 +344,8 @@ class ChatService:
         refused = await self._cluster_limits(batch) if self._cluster is not None else [None] * len(batch)
         admitted = [pending for pending, refusal in zip(batch, refused, strict=True) if refusal is None]
         try:
-            stored = list(await self._store.save_messages([p.request for p in admitted])) if admitted else []
+            with self._metrics.committing(len(admitted)):
+                stored = list(await self._store.save_messages([p.request for p in admitted])) if admitted else []
         except ChatError as exc:
             stored = [exc] * len(admitted)
         results = iter(stored)
@@ -379,6 +391,7 @@ class ChatService:
             if pending.device is not None:
                 await self.reply(pending.device, ack)
         await self.publish_events(tuple(e for o in outcomes if isinstance(o, SendOutcome) for e in o.events))
+        self._metrics.handed_off([p.accepted for p in batch], outcomes)
 
     def _fail(self, pending: _Pending, error: ChatError) -> None:
         if pending.future is not None and not pending.future.done():
@@ -512,6 +525,7 @@ class ChatService:
         await self.fanout.stream_events(emitted)
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
+        self._metrics.replied(event)
         await self.fanout.reply(device, event)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -12,6 +12,10 @@ class StreamNotifier:
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
 
+    def waiting(self) -> int:
+        """Long-polls waiting now."""
+        return sum(len(waiters) for waiters in self._waiters.values())
+
     def notify(self, user_ids: Iterable[str]) -> None:
         for user_id in set(user_ids):
             for waiter in self._waiters.pop(user_id, ()):

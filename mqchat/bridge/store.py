@@ -261,6 +261,9 @@ class MessageStore(AccountStore, FileRecords, Protocol):
     async def ping(self) -> None:
         """Raise ``StorageUnavailable`` if the database cannot answer."""
 
+    async def health_write(self, node_id: str) -> None:
+        """Commit one tiny write (this node's row of ``health``); ``StorageUnavailable`` if it fails."""
+
     async def save_messages(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         """Store a batch in one transaction, one result per request, in order.
 

@@ -196,6 +196,16 @@ class PushEvent(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=200)
 
 
+class HealthCheck(SQLModel, table=True):
+    """One row per node, rewritten by its health check (bridge/health.py): a node reports
+    healthy only while this write commits in time, so a full or read-only disk shows."""
+
+    __tablename__ = "health"
+
+    node_id: str = Field(primary_key=True, max_length=255)
+    checked_at_ms: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
 METADATA = SQLModel.metadata
 users = User.__table__  # type: ignore[attr-defined]
 # Ids are case-sensitive (they are topic levels), but two that differ only in case would be
@@ -212,3 +222,4 @@ conversation_marks = ConversationMark.__table__  # type: ignore[attr-defined]
 device_revocations = DeviceRevocation.__table__  # type: ignore[attr-defined]
 push_outbox = PushEvent.__table__  # type: ignore[attr-defined]
 files = FileRow.__table__  # type: ignore[attr-defined]
+health = HealthCheck.__table__  # type: ignore[attr-defined]

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from mqchat import logs
+from mqchat.bridge.metrics import Metrics
 from mqchat.config import LimitsSettings
 from mqchat.core import mqtt
 from mqchat.core.ids import DeviceAddress
@@ -68,6 +70,8 @@ class State(enum.Enum):
 
 class Broker(Protocol):
     """What a connection asks of the broker (``MqttServer``)."""
+
+    metrics: Metrics
 
     def connect(self, connection: MqttConnection, packet: Connect) -> Awaitable[None]: ...
 
@@ -184,6 +188,12 @@ class MqttConnection(asyncio.Protocol):
         self.clean_exit = False
         self.replaced = False
 
+    @property
+    def _about(self) -> dict[str, str | None]:
+        """A log record's context when it is logged outside this connection's handling (timers,
+        write callbacks): about this connection, whatever context scheduled the callback."""
+        return {"client_id": self.device.client_id if self.device is not None else None, "command": None}
+
     def __repr__(self) -> str:
         who = self.device.client_id if self.device is not None else "no client id"
         return f"<MQTT connection {self.peer} ({who})>"
@@ -228,12 +238,24 @@ class MqttConnection(asyncio.Protocol):
     # -------------------------------------------------------------- reading
 
     def _handle_buffered(self) -> None:
+        # What is logged while this connection's packets are handled (and by the tasks they
+        # start) is about its client id (mqchat.logs); the command type is set by the chat service.
+        about = logs.client_id.set(self.device.client_id if self.device is not None else None)
+        doing = logs.command.set(None)
+        try:
+            self._handle_packets()
+        finally:
+            logs.command.reset(doing)
+            logs.client_id.reset(about)
+
+    def _handle_packets(self) -> None:
         while not self.closed:
             try:
                 packet = self._parser.next()
             except UnsupportedProtocol as exc:
                 # MQTT 3.1.1, 3.1.2.2: answer 0x01 and close. Not an attack: logged at INFO.
                 log.info("closing MQTT connection from %s: %s", self.peer, exc)
+                self._broker.metrics.connect_answered(mqtt.UNACCEPTABLE_PROTOCOL)
                 self.send(Connack(False, mqtt.UNACCEPTABLE_PROTOCOL).encode())
                 self.close()
                 return
@@ -284,6 +306,7 @@ class MqttConnection(asyncio.Protocol):
                 self.refuse(f"more than {self._limits.max_inflight_qos2} QoS 2 PUBLISHes without PUBREL")
                 return
         self._broker.publish_received(self, packet)
+        logs.command.set(None)  # the next packet is another command
         if packet.qos == 1:
             self.send(mqtt.puback(packet.packet_id or 0))
         elif packet.qos == 2:
@@ -300,7 +323,7 @@ class MqttConnection(asyncio.Protocol):
         try:
             await pending
         except Exception:
-            log.exception("%r: handling a packet failed; closing", self)
+            log.exception("%r: handling a packet failed; closing", self, extra=self._about)
             self.close(abort=True)
         finally:
             self._busy = False
@@ -369,14 +392,15 @@ class MqttConnection(asyncio.Protocol):
     def drop_slow_reader(self, why: str) -> None:
         if self.closed:
             return
-        log.warning("%r reads too slowly (%s): closing; it catches up when it reconnects", self, why)
+        log.warning("%r reads too slowly (%s): closing; it catches up when it reconnects", self, why, extra=self._about)
+        self._broker.metrics.slow_reader_dropped()
         self.close(abort=True)
 
     def refuse(self, why: str) -> None:
         """A protocol violation or a broken limit: log once and close (MQTT has no error packet)."""
         if self.closed:
             return
-        log.warning("closing %r: %s", self, why)
+        log.warning("closing %r: %s", self, why, extra=self._about)
         self.close(abort=True)
 
     def close(self, *, abort: bool = False) -> None:
@@ -407,7 +431,7 @@ class MqttConnection(asyncio.Protocol):
         silent_for = self._loop.time() - self._last_read
         if silent_for >= self.keepalive:
             self._watchdog = None
-            log.info("%r silent for 1.5 x its keep-alive: closing", self)
+            log.info("%r silent for 1.5 x its keep-alive: closing", self, extra=self._about)
             self.close(abort=True)
             return
         self._watchdog = self._loop.call_later(self.keepalive - silent_for, self._check_silence)

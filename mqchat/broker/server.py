@@ -73,6 +73,8 @@ class MqttServer:
     def __init__(self, services: Services, settings: Settings | None = None) -> None:
         self._services = services
         self._chat = services.chat
+        self.metrics = services.metrics
+        self.metrics.watch_broker(self)
         self._settings = settings or services.settings
         self._limits = self._settings.limits
         self._acl = TopicAcl(services.chat)
@@ -182,13 +184,16 @@ class MqttServer:
             code = self._check_limits(connection, device, packet)
         if device is not None and code == mqtt.ACCEPTED:
             code = await self._admit_device(connection, device)
-        if device is None or code != mqtt.ACCEPTED or connection.closed:
-            if not connection.closed:
+        if connection.closed:
+            return
+        self.metrics.connect_answered(code)
+        if device is None or code != mqtt.ACCEPTED:
+            if device is None:  # a refusal by a limit has been logged where it was decided, with its reason
                 log.info(
                     "refused MQTT connection from %s (%s): CONNACK %d", connection.peer, packet.client_id[:80], code
                 )
-                connection.send(Connack(False, code).encode())
-                connection.close()
+            connection.send(Connack(False, code).encode())
+            connection.close()
             return
         session, resumed = self._open_session(connection, device, packet)
         connection.send(Connack(resumed, mqtt.ACCEPTED).encode())

@@ -7,7 +7,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from mqchat.bridge.chat import ChatService
+from mqchat.bridge.metrics import Metrics
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import SendOutcome, SendRequest
 from mqchat.config import BridgeSettings
@@ -94,3 +97,37 @@ async def test_a_full_queue_refuses_with_server_busy(tmp_path: Path) -> None:
         ("chat/device/alice/phone", "server_busy", "m2")
     ]
     await store.close()
+
+
+class FailingPublisher(Recorder):
+    """A broker whose publish fails for stream topics (acks to devices go through)."""
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        if topic.startswith("chat/user/"):
+            raise ConnectionError("the broker is gone")
+        await super().publish(topic, payload, retain=retain)
+
+
+async def test_a_stored_message_that_cannot_be_handed_off_counts_as_unpublished(tmp_path: Path) -> None:
+    store = SqlStore.from_url(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
+    await store.create_schema()
+    for user in ("alice", "bob"):
+        await store.create_user(user, "x")
+    metrics = Metrics("n1")
+    service = ChatService(store, BridgeSettings(), max_payload_bytes=65536, metrics=metrics)
+    publisher = FailingPublisher()
+    service.attach_publisher(publisher)
+    await service.start()
+    try:
+        service.accept(DeviceAddress("alice", "phone"), send("A-1", "bob"))
+        await publisher.wait_for(1)  # the ack went out, then the stream events failed
+        await asyncio.sleep(0.05)
+    finally:
+        await service.stop()
+        await store.close()
+    samples = {
+        s.name: s.value for f in text_string_to_metric_families(metrics.exposition().decode()) for s in f.samples
+    }
+    assert samples["mqchat_messages_stored_total"] == 1
+    assert samples["mqchat_messages_unpublished_total"] == 1
+    assert samples["mqchat_send_latency_seconds_count"] == 0  # never handed off

@@ -14,6 +14,7 @@
     retention.py      the oldest stream entries and unheld messages, deleted in batches
     admin.py          accounts and groups for administrators: roles, disabling, deleting
     push.py           the push outbox: claiming due events, their outcomes, expiry
+    health.py         the health write (one row per node)
 
 Every transaction is a plain function of a SQLAlchemy ``Connection``; the concern classes
 are combined in ``SqlStore``, which implements ``MessageStore`` (bridge/store.py). Callers

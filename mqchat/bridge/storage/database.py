@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, StaticPool, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, NullPool, StaticPool, create_engine, event, make_url, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -53,7 +53,8 @@ class SetChanged(Exception):
 def _unavailable(name: str, exc: SQLAlchemyError | OSError) -> StorageUnavailable:
     """A driver failure, as the storage error callers get (logged unless a constraint refused)."""
     if not isinstance(exc, IntegrityError):  # a constraint is an answer, not an outage
-        log.warning("storage failure in %s: %s: %s", name, exc.__class__.__name__, exc)
+        detail = str(exc) or ("no answer in time" if isinstance(exc, TimeoutError) else "no detail")
+        log.warning("storage failure in %s: %s: %s", name, exc.__class__.__name__, detail)
     return StorageUnavailable("the database is unavailable; nothing was stored")
 
 
@@ -82,6 +83,15 @@ class Database:
         """``fn`` on a connection outside any transaction (migrations manage their own)."""
         raise NotImplementedError
 
+    async def unreachable(self) -> str | None:
+        """None if the database answers a ``SELECT 1``, else why not, in one line (not logged:
+        ``mqchat serve`` waiting for its database logs its own line per attempt)."""
+        try:
+            await self._run(ping, False)
+        except (SQLAlchemyError, OSError) as exc:
+            return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
+        return None
+
     async def close(self) -> None:
         raise NotImplementedError
 
@@ -90,11 +100,13 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def open_database(url: str) -> Database:
-    """SQLite or PostgreSQL, by URL (``sqlite+aiosqlite:///path`` and ``sqlite:///path`` alike)."""
+def open_database(url: str, *, statement_timeout: float = 5.0) -> Database:
+    """SQLite or PostgreSQL, by URL (``sqlite+aiosqlite:///path`` and ``sqlite:///path`` alike).
+
+    ``statement_timeout`` (seconds) bounds every PostgreSQL statement but the migrations'."""
     if is_sqlite(url):
         return SqliteDatabase(url)
-    return PostgresDatabase(url)
+    return PostgresDatabase(url, statement_timeout=statement_timeout)
 
 
 # --------------------------------------------------------------------- SQLite
@@ -193,9 +205,29 @@ class SqliteDatabase(Database):
 
 
 class PostgresDatabase(Database):
-    def __init__(self, url: str) -> None:
+    """Every statement is bounded twice. The server cancels one that runs longer than
+    ``statement_timeout`` (waiting for a lock included); the client gives up one second
+    later on an answer that does not come at all (a silent network or server), and on a
+    connection attempt likewise. Without these a partition held every send for as long as
+    it lasted. Migrations run on connections of their own without either bound: a long
+    ``ALTER`` or waiting for another node's migration lock is expected there."""
+
+    def __init__(self, url: str, *, statement_timeout: float = 5.0) -> None:
+        client_timeout = statement_timeout + 1
         self.engine: AsyncEngine = create_async_engine(
-            url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+            url,
+            pool_size=10,
+            max_overflow=10,
+            pool_pre_ping=True,
+            hide_parameters=True,
+            connect_args={
+                "timeout": client_timeout,  # connecting
+                "command_timeout": client_timeout,  # every statement's answer
+                "server_settings": {"statement_timeout": str(max(1, round(statement_timeout * 1000)))},
+            },
+        )
+        self._schema_engine: AsyncEngine = create_async_engine(
+            url, poolclass=NullPool, hide_parameters=True, connect_args={"timeout": client_timeout}
         )
         self.dialect = dialect_for("postgresql")
 
@@ -205,11 +237,12 @@ class PostgresDatabase(Database):
             return await conn.run_sync(fn)
 
     async def run_schema(self, fn: Callable[[Connection], _T]) -> _T:
-        async with self.engine.connect() as conn:
+        async with self._schema_engine.connect() as conn:
             return await conn.run_sync(fn)
 
     async def close(self) -> None:
         await self.engine.dispose()
+        await self._schema_engine.dispose()
 
 
 def ping(conn: Connection) -> None:

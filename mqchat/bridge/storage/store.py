@@ -8,6 +8,7 @@ from mqchat.bridge.storage.attachments import AttachmentsStore
 from mqchat.bridge.storage.conversations import ConversationsStore
 from mqchat.bridge.storage.database import Database, open_database, ping
 from mqchat.bridge.storage.groups import GroupsStore
+from mqchat.bridge.storage.health import HealthStore
 from mqchat.bridge.storage.push import PushStore
 from mqchat.bridge.storage.recall import RecallStore
 from mqchat.bridge.storage.receipts import ReceiptsStore
@@ -27,12 +28,13 @@ class SqlStore(
     AdminStore,
     PushStore,
     AttachmentsStore,
+    HealthStore,
 ):
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 
     @classmethod
-    def from_url(cls, url: str) -> SqlStore:
-        return cls(open_database(url))
+    def from_url(cls, url: str, *, statement_timeout: float = 5.0) -> SqlStore:
+        return cls(open_database(url, statement_timeout=statement_timeout))
 
     @property
     def database(self) -> Database:
@@ -52,6 +54,10 @@ class SqlStore(
 
     async def ping(self) -> None:
         await self.db.run("ping", ping)
+
+    async def unreachable(self) -> str | None:
+        """None if the database answers, else why not (one line, not logged)."""
+        return await self.db.unreachable()
 
     async def close(self) -> None:
         await self.db.close()
