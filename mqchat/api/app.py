@@ -131,13 +131,20 @@ def create_app(services: Services, client_config: ClientConfig | None = None) ->
     )
     async def healthz(services: ServicesDep, response: Response) -> Health:
         """200 while the database takes a write (a tiny transaction) within
-        ``database.health_timeout_seconds``; otherwise 503 with a machine-readable ``reason``."""
+        ``database.health_timeout_seconds``; otherwise 503 with a machine-readable ``reason``. In
+        cluster mode ``redis`` tells whether live delivery across nodes works (``degraded``, still
+        200, when it does not)."""
         report = await services.health.check()
+        redis = services.health.redis
         response.headers["Cache-Control"] = "no-store"
         if report.ok:
-            return Health()
+            # Redis down alone is not a reason to take the node out of a load balancer: every node
+            # would be taken out at once, and each still stores and acks every message.
+            return Health(status="degraded" if redis == "unavailable" else "ok", redis=redis)
         response.status_code = 503
-        return Health(status="unavailable", database="unavailable", reason=report.reason, detail=report.detail)
+        return Health(
+            status="unavailable", database="unavailable", redis=redis, reason=report.reason, detail=report.detail
+        )
 
     if settings.metrics.token is not None:
         _install_metrics_route(app, settings.metrics.token)

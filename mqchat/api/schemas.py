@@ -207,10 +207,13 @@ class HistoryPage(BaseModel):
 
 
 class Health(BaseModel):
-    """``GET /healthz``: 200 with ``status: ok``, or 503 with ``status: unavailable`` and why."""
+    """``GET /healthz``: 200 with ``status: ok`` (or ``degraded``: in cluster mode, Redis is
+    unreachable; messages are still stored and acked), or 503 with ``status: unavailable`` and why."""
 
-    status: Literal["ok", "unavailable"] = "ok"
+    status: Literal["ok", "degraded", "unavailable"] = "ok"
     database: Literal["ok", "unavailable"] = "ok"
+    redis: Literal["ok", "unavailable"] | None = None
+    """Cluster mode only: whether this node's Redis link works (live delivery across nodes)."""
     reason: Literal["storage_unavailable", "storage_timeout"] | None = None
     """Machine-readable: ``storage_unavailable`` (the health write failed: disk full, read-only,
     database refusing), ``storage_timeout`` (no answer within ``database.health_timeout_seconds``)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import itertools
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -27,6 +29,7 @@ import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from mqchat.bridge.cluster import Degraded, RedisCluster
 from mqchat.bridge.store import AccountStore
 from mqchat.config import AuthSettings
 from mqchat.core.errors import (
@@ -180,8 +183,9 @@ class LoginThrottle:
         window = settings.login_window_seconds
         self._user = SlidingWindow(settings.login_max_failures, window, max_keys)
         self._ip = SlidingWindow(settings.login_max_failures_per_ip, window, max_keys)
+        self._signups: SlidingWindow | None = None
 
-    def reserve(self, user_id: str, client_ip: str | None) -> float:
+    async def reserve(self, user_id: str, client_ip: str | None) -> float:
         """Count an attempt, or raise ``RateLimited``; returns the reservation's stamp."""
         now = time.monotonic()
         wait = max(self._user.wait(user_id, now), self._ip.wait(client_ip, now) if client_ip else 0.0)
@@ -192,17 +196,85 @@ class LoginThrottle:
             self._ip.add(client_ip, now)
         return now
 
-    def succeeded(self, user_id: str, client_ip: str | None, stamp: float) -> None:
+    async def succeeded(self, user_id: str, client_ip: str | None, stamp: float) -> None:
         self._user.clear(user_id)
         if client_ip:
             self._ip.discard(client_ip, stamp)
 
-    def release(self, user_id: str, client_ip: str | None, stamp: float) -> None:
+    async def release(self, user_id: str, client_ip: str | None, stamp: float) -> None:
         """Take back a reservation whose password was never checked (the server was busy or
         the database failed): it is not a failed guess."""
         self._user.discard(user_id, stamp)
         if client_ip:
             self._ip.discard(client_ip, stamp)
+
+    async def registration(self, client_ip: str, limit: int) -> None:
+        """Count a registration from ``client_ip`` (``limit`` an hour), or raise ``RateLimited``."""
+        now = time.monotonic()
+        wait = self._registrations(limit).wait(client_ip, now)
+        if wait > 0:
+            raise RateLimited("too many registrations from your address; try again later", retry_after=wait)
+        self._registrations(limit).add(client_ip, now)
+
+    def _registrations(self, limit: int) -> SlidingWindow:
+        if self._signups is None:
+            self._signups = SlidingWindow(limit, 3600)
+        return self._signups
+
+
+class ClusterLoginThrottle:
+    """The same counts across every node of a cluster, in Redis (atomic, counted before the
+    hash); this node's own counts while Redis cannot answer."""
+
+    def __init__(self, cluster: RedisCluster, settings: AuthSettings) -> None:
+        self._cluster = cluster
+        self._settings = settings
+        self._local = LoginThrottle(settings)
+        self._stamps = itertools.count()
+
+    def _limits(self, user_id: str, client_ip: str | None) -> list[tuple[str, int]]:
+        limits = [(f"login:u:{user_id}", self._settings.login_max_failures)]
+        if client_ip:
+            limits.append((f"login:ip:{client_ip}", self._settings.login_max_failures_per_ip))
+        return limits
+
+    async def reserve(self, user_id: str, client_ip: str | None) -> float:
+        stamp = float(next(self._stamps))
+        try:
+            wait = await self._cluster.count_attempt(
+                self._limits(user_id, client_ip), self._settings.login_window_seconds, self._member(stamp)
+            )
+        except Degraded:
+            return -1 - await self._local.reserve(user_id, client_ip)  # negative: a local reservation
+        if wait > 0:
+            raise RateLimited("too many failed logins; try again later", retry_after=wait)
+        return stamp
+
+    async def succeeded(self, user_id: str, client_ip: str | None, stamp: float) -> None:
+        if stamp < 0:
+            await self._local.succeeded(user_id, client_ip, -1 - stamp)
+            return
+        await self._cluster.forget_attempt([f"login:u:{user_id}"], None)
+        if client_ip:
+            await self._cluster.forget_attempt([f"login:ip:{client_ip}"], self._member(stamp))
+
+    async def release(self, user_id: str, client_ip: str | None, stamp: float) -> None:
+        if stamp < 0:
+            await self._local.release(user_id, client_ip, -1 - stamp)
+            return
+        await self._cluster.forget_attempt([key for key, _ in self._limits(user_id, client_ip)], self._member(stamp))
+
+    async def registration(self, client_ip: str, limit: int) -> None:
+        try:
+            wait = await self._cluster.count_attempt([(f"signup:ip:{client_ip}", limit)], 3600, secrets.token_hex(8))
+        except Degraded:
+            await self._local.registration(client_ip, limit)
+            return
+        if wait > 0:
+            raise RateLimited("too many registrations from your address; try again later", retry_after=wait)
+
+    def _member(self, stamp: float) -> str:
+        return f"{self._cluster.node_id}:{id(self)}:{int(stamp)}"
 
 
 class HashingGate:
@@ -229,13 +301,21 @@ class HashingGate:
 
 
 class Accounts:
-    def __init__(self, store: AccountStore, tokens: TokenIssuer, settings: AuthSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: AccountStore,
+        tokens: TokenIssuer,
+        settings: AuthSettings | None = None,
+        cluster: RedisCluster | None = None,
+    ) -> None:
         self._store = store
         self._tokens = tokens
         self._settings = settings or AuthSettings()
         self._hasher = PasswordHasher()
-        self._throttle = LoginThrottle(self._settings)
-        self._registrations = SlidingWindow(self._settings.registrations_per_ip_per_hour, 3600)
+        # Login and registration attempts count across the cluster in cluster mode.
+        self._throttle: LoginThrottle | ClusterLoginThrottle = (
+            LoginThrottle(self._settings) if cluster is None else ClusterLoginThrottle(cluster, self._settings)
+        )
         self._hashing = HashingGate(self._settings.password_hash_concurrency, self._settings.password_hash_queue)
 
     @property
@@ -264,11 +344,7 @@ class Accounts:
         _check_password(password)
         if client_ip:
             # Counted before the hash, whatever the outcome: an attempt costs the hash.
-            now = time.monotonic()
-            wait = self._registrations.wait(client_ip, now)
-            if wait > 0:
-                raise RateLimited("too many registrations from your address; try again later", retry_after=wait)
-            self._registrations.add(client_ip, now)
+            await self._throttle.registration(client_ip, self._settings.registrations_per_ip_per_hour)
         await self.register(user_id, password)
 
     async def login(
@@ -281,7 +357,7 @@ class Accounts:
         return self._tokens.issue(user_id, device_id=device_id)
 
     async def _verify_login(self, user_id: str, password: str, client_ip: str | None) -> None:
-        stamp = self._throttle.reserve(user_id, client_ip)
+        stamp = await self._throttle.reserve(user_id, client_ip)
         try:
             digest = await self._store.get_password_hash(user_id)
             # An unknown user costs the same hash as a wrong password, so timing does not
@@ -289,11 +365,11 @@ class Accounts:
             ok = await self._hashing.run(self._verify, digest, password)
         except ChatError as exc:
             if exc.retryable:  # the server's trouble, not a failed login: it does not count
-                self._throttle.release(user_id, client_ip, stamp)
+                await self._throttle.release(user_id, client_ip, stamp)
             raise
         if not ok:
             raise InvalidCredentials("wrong user id or password")
-        self._throttle.succeeded(user_id, client_ip, stamp)
+        await self._throttle.succeeded(user_id, client_ip, stamp)
         # Only someone who knows the password learns that the account is disabled.
         standing = await self._store.token_standing(user_id, None)
         if standing is not None and standing.disabled:

@@ -177,20 +177,25 @@ redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
 return 1
 """
 
-# KEYS: a failures list. ARGV: now, window, limit, record (1: count an attempt).
-# Returns seconds until the key may try again (0: now); with record, the attempt is counted
-# first, so concurrent attempts cannot all pass.
-_THROTTLE = """
-local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local count = redis.call('ZCARD', KEYS[1])
-if count >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-  return tostring(tonumber(oldest[2]) + window - now)
+# KEYS: attempt sets (sorted by time). ARGV: now, window, member, then a limit per key. If every
+# key has room, the attempt (member) is counted in all of them; returns the wait before one more
+# may be made (0: counted now), so concurrent attempts cannot all pass.
+_ATTEMPTS = """
+local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
+local wait = 0
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[3 + i])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local count = redis.call('ZCARD', KEYS[i])
+  if count >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[i], count - limit, count - limit, 'WITHSCORES')
+    wait = math.max(wait, tonumber(oldest[2]) + window - now)
+  end
 end
-if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[1], now, ARGV[5])
-  redis.call('EXPIRE', KEYS[1], math.ceil(window))
+if wait > 0 then return tostring(wait) end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[3])
+  redis.call('EXPIRE', KEYS[i], math.ceil(window))
 end
 return '0'
 """
@@ -229,7 +234,7 @@ class RedisCluster:
                 ("reap", _REAP),
                 ("buckets", _BUCKETS),
                 ("new_device", _NEW_DEVICE),
-                ("throttle", _THROTTLE),
+                ("attempts", _ATTEMPTS),
             )
         }
         self._pubsub: Any = None
@@ -651,22 +656,27 @@ class RedisCluster:
             self._broken(f"the device-id budget failed: {exc!r}")
             raise Degraded from exc
 
-    async def throttle(self, key: str, window: float, limit: int, *, record: bool) -> float:
-        """Attempts on ``key`` within ``window``: the wait before another may be made (0: now);
-        with ``record``, this attempt is counted first. Raises ``Degraded``."""
+    async def count_attempt(self, limits: Sequence[tuple[str, int]], window: float, member: str) -> float:
+        """Count one attempt under every ``(key, limit)`` in a sliding ``window``, if each has room;
+        else the wait before one more may be made. Raises ``Degraded``."""
+        keys = [PREFIX + "at:" + key for key, _ in limits]
         try:
-            attempt = secrets.token_hex(6)
-            wait = await self._scripts["throttle"](
-                keys=[PREFIX + "th:" + key], args=[time.time(), window, limit, "1" if record else "0", attempt]
+            wait = await self._scripts["attempts"](
+                keys=keys, args=[time.time(), window, member, *(limit for _, limit in limits)]
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"the throttle failed: {exc!r}")
+            self._broken(f"the attempt counter failed: {exc!r}")
             raise Degraded from exc
         return float(wait)
 
-    async def forget_attempts(self, key: str) -> None:
+    async def forget_attempt(self, keys: Sequence[str], member: str | None) -> None:
+        """Take one attempt back (``member``), or every attempt of the keys (None)."""
         with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await self._redis.delete(PREFIX + "th:" + key)
+            for key in keys:
+                if member is None:
+                    await self._redis.delete(PREFIX + "at:" + key)
+                else:
+                    await self._redis.zrem(PREFIX + "at:" + key, member)
 
     async def ping(self) -> bool:
         try:

@@ -110,10 +110,10 @@ async def _services(settings: Settings, url: str, *, serving: bool) -> AsyncIter
             group_cache_seconds=settings.cluster.group_cache_seconds,
             metrics=metrics,
         )
-        health = HealthMonitor(store, node_id, settings.database.health_timeout_seconds, metrics)
+        health = HealthMonitor(store, node_id, settings.database.health_timeout_seconds, metrics, cluster)
         if cluster is not None:
             await cluster.start(serve=serving)
-        accounts = Accounts(store, tokens, settings.auth)
+        accounts = Accounts(store, tokens, settings.auth, cluster)
         push = None
         if settings.push.webhook_url is not None:
             # Push events are written with the messages from now on, whether or not this

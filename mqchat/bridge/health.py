@@ -35,6 +35,13 @@ class HealthWriter(Protocol):
     async def health_write(self, node_id: str) -> None: ...
 
 
+class ClusterLink(Protocol):
+    """Cluster mode's Redis link, as far as health goes."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class HealthReport:
     ok: bool
@@ -45,8 +52,11 @@ class HealthReport:
 
 
 class HealthMonitor:
-    def __init__(self, store: HealthWriter, node_id: str, timeout: float, metrics: Metrics) -> None:
+    def __init__(
+        self, store: HealthWriter, node_id: str, timeout: float, metrics: Metrics, cluster: ClusterLink | None = None
+    ) -> None:
         self._store = store
+        self._cluster = cluster
         self._node_id = node_id
         self._timeout = timeout
         self._metrics = metrics
@@ -83,9 +93,20 @@ class HealthMonitor:
             return HealthReport(False, "storage_unavailable", "the health write failed", _since(started))
         return HealthReport(True, seconds=_since(started))
 
+    @property
+    def redis(self) -> Literal["ok", "unavailable"] | None:
+        """Cluster mode's Redis link: a node without it still stores and acks every message, it
+        only delivers across nodes late (by catch-up), so it is degraded, not down. None: single node."""
+        if self._cluster is None:
+            return None
+        up = self._cluster.healthy
+        self._metrics.redis_checked(up)
+        return "ok" if up else "unavailable"
+
     def _record(self, report: HealthReport) -> None:
         previous, self.last = self.last, report
         self._metrics.database_checked(report.ok, report.seconds)
+        _ = self.redis  # keeps mqchat_redis_up current
         if previous is None or previous.ok != report.ok:
             if report.ok:
                 if previous is not None:

@@ -187,3 +187,16 @@ async def test_connections_and_send_rate_are_counted_across_nodes(nodes: Sequenc
     assert len(acks) + len(refused) == 40 and {e["code"] for e in refused} == {"rate_limited"}
     # One bucket for the user across both nodes: a burst of 10 and 5/s, not twice that.
     assert len(acks) <= 10 + 5 * elapsed + 1, (len(acks), elapsed)
+
+
+async def test_login_throttles_count_across_nodes(tmp_path: Path, database: str, redis_server: RedisProcess) -> None:
+    env = {"MQCHAT_AUTH__LOGIN_MAX_FAILURES": "3"}
+    servers = [node(tmp_path, name, database, redis_server.url, env) for name in ("n1", "n2")]
+    async with running(servers) as (n1, n2):
+        await account(n1, "alice")
+        codes = []
+        for server in (n1, n2, n1, n2):  # a guesser spreading its guesses over the nodes
+            async with http_client(server) as http:
+                guess = await http.post("/v1/token", json={"user_id": "alice", "password": "wrong-guess"})
+                codes.append(guess.status_code)
+        assert codes == [401, 401, 401, 429]
