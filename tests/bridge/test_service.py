@@ -102,10 +102,10 @@ async def test_a_full_queue_refuses_with_server_busy(tmp_path: Path) -> None:
 class FailingPublisher(Recorder):
     """A broker whose publish fails for stream topics (acks to devices go through)."""
 
-    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+    def deliver(self, topic: str, payload: bytes, users: frozenset[str] | None = None) -> int:
         if topic.startswith("chat/user/"):
             raise ConnectionError("the broker is gone")
-        await super().publish(topic, payload, retain=retain)
+        return super().deliver(topic, payload, users)
 
 
 async def test_a_stored_message_that_cannot_be_handed_off_counts_as_unpublished(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ async def test_a_stored_message_that_cannot_be_handed_off_counts_as_unpublished(
     metrics = Metrics("n1")
     service = ChatService(store, BridgeSettings(), max_payload_bytes=65536, metrics=metrics)
     publisher = FailingPublisher()
-    service.attach_publisher(publisher)
+    service.attach(publisher)
     await service.start()
     try:
         service.accept(DeviceAddress("alice", "phone"), send("A-1", "bob"))

@@ -28,12 +28,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from mqchat.bridge.tables import messages, stream_events, users
 
 # qmark style: SQLite only.
-_EVENT_ROW = itemgetter("user_id", "seq", "kind", "message_id", "conversation_id", "payload", "created_ms")
-_INSERT_EVENTS = (
+event_row = itemgetter("user_id", "seq", "kind", "message_id", "conversation_id", "payload", "created_ms")
+INSERT_EVENTS_SQL = (
     "INSERT INTO stream_events (user_id, seq, kind, message_id, conversation_id, payload, created_ms)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_UPDATE_HEAD = "UPDATE users SET last_seq = ? WHERE user_id = ?"
+UPDATE_HEAD_SQL = "UPDATE users SET last_seq = ? WHERE user_id = ?"
 _UPDATE_HEADS = update(users).where(users.c.user_id == bindparam("uid")).values(last_seq=bindparam("head"))
 
 
@@ -98,9 +98,9 @@ class _Sqlite(Dialect):
         # writer thread's time for a 500-member group, and these rows (text and integers)
         # need none.
         if rows:
-            conn.exec_driver_sql(_INSERT_EVENTS, [_EVENT_ROW(row) for row in rows])
+            conn.exec_driver_sql(INSERT_EVENTS_SQL, [event_row(row) for row in rows])
         if heads:
-            conn.exec_driver_sql(_UPDATE_HEAD, heads)
+            conn.exec_driver_sql(UPDATE_HEAD_SQL, heads)
 
     def existing_messages(self, conn: Connection, keys: list[tuple[str, str]]) -> Any:
         return conn.execute(_existing_query("sqlite"), {"keys": json.dumps(keys)})

@@ -12,15 +12,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, func, insert, select
 
 from mqchat.bridge.storage.attachments import files_for_send
 from mqchat.bridge.storage.base import StoreBase
+from mqchat.bridge.storage.database import SqliteDatabase
 from mqchat.bridge.storage.dialect import Dialect
 from mqchat.bridge.storage.groups import members_of
 from mqchat.bridge.storage.receipts import cursor
+from mqchat.bridge.storage.sqlite_sends import RawSendSql
 from mqchat.bridge.storage.streams import Streams, latest, lock_covering, render, row_to_message
 from mqchat.bridge.store import OfflineHook, SendOutcome, SendRequest, StoredFile, StoredMessage, StreamPage
 from mqchat.bridge.tables import messages, push_outbox, stream_events
@@ -78,26 +80,72 @@ def expired(conn: Connection, user_id: str, since_seq: int, head: int) -> Cursor
     )
 
 
+class SendSql(Protocol):
+    """The statements of a batch of sends: on SQLAlchemy (``GenericSendSql``, every database),
+    or straight on ``sqlite3`` for SQLite files (sqlite_sends.py, the hot path)."""
+
+    def members(self, group_ids: set[str]) -> dict[str, frozenset[str]]: ...
+
+    def lock(self, user_ids: set[str]) -> Streams: ...
+
+    def existing(self, keys: list[tuple[str, str]]) -> list[StoredMessage]: ...
+
+    def files(self, file_ids: set[str]) -> dict[str, StoredFile]: ...
+
+    def insert_messages(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def insert_pushes(self, rows: list[dict[str, Any]]) -> None: ...
+
+
+class GenericSendSql:
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self._dialect = dialect
+
+    def members(self, group_ids: set[str]) -> dict[str, frozenset[str]]:
+        return members_of(self._conn, group_ids)
+
+    def lock(self, user_ids: set[str]) -> Streams:
+        return Streams.lock(self._conn, self._dialect, user_ids)
+
+    def existing(self, keys: list[tuple[str, str]]) -> list[StoredMessage]:
+        return [row_to_message(row) for row in self._dialect.existing_messages(self._conn, keys)]
+
+    def files(self, file_ids: set[str]) -> dict[str, StoredFile]:
+        return files_for_send(self._conn, file_ids)
+
+    def insert_messages(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._dialect.insert_messages(self._conn, rows)
+
+    def insert_pushes(self, rows: list[dict[str, Any]]) -> None:
+        self._conn.execute(insert(push_outbox), [row | {"attempts": 0, "state": "pending"} for row in rows])
+
+
 class SendsStore(StoreBase):
     async def save_messages(self, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
         if not requests:
             return []
+        if isinstance(self.db, SqliteDatabase) and self.db.raw_writes:
+            return await self.db.run_raw("save_messages", lambda raw: self._save(RawSendSql(raw), requests))
+        return await self.db.run(
+            "save_messages", lambda conn: self._save(GenericSendSql(conn, self.sql), requests), write=True
+        )
+
+    def _save(self, sql: SendSql, requests: Sequence[SendRequest]) -> list[SendOutcome | ChatError]:
+        """One batch in one transaction: lock every stream it appends to (the members of its
+        groups read again under the locks), find the duplicates, write the rest."""
         group_ids = {r.group_id for r in requests if r.group_id is not None}
         people = {r.sender for r in requests} | {r.to_user for r in requests if r.to_user is not None}
 
-        def read(conn: Connection) -> tuple[dict[str, frozenset[str]], set[str]]:
-            members = members_of(conn, group_ids)
+        def read() -> tuple[dict[str, frozenset[str]], set[str]]:
+            members = sql.members(group_ids)
             return members, {u for group in members.values() for u in group}
 
-        file_ids = {r.attachment_id for r in requests if r.attachment_id is not None}
-
-        def txn(conn: Connection) -> list[SendOutcome | ChatError]:
-            streams, members = lock_covering(conn, self.sql, lambda: read(conn), also=people)
-            existing = _find_existing(conn, self.sql, requests)
-            attached = files_for_send(conn, file_ids)
-            return _BatchWriter(conn, self.sql, streams, existing, members, self.push_hook, attached).write(requests)
-
-        return await self.db.run("save_messages", txn, write=True)
+        streams, members = lock_covering(None, None, read, also=people, lock=sql.lock)
+        keys = sorted({(r.sender, r.client_msg_id) for r in requests})
+        existing = {(m.sender, m.client_msg_id): m for m in sql.existing(keys)}
+        attached = sql.files({r.attachment_id for r in requests if r.attachment_id is not None})
+        return _BatchWriter(sql, streams, existing, members, self.push_hook, attached).write(requests)
 
     async def read_stream(self, user_id: str, since_seq: int, limit: int) -> StreamPage:
         return await self.db.run("read_stream", lambda conn: page(conn, user_id, since_seq, limit))
@@ -114,21 +162,12 @@ class SendsStore(StoreBase):
         return await self.db.run("latest_seq", lambda conn: latest(conn, user_id))
 
 
-def _find_existing(
-    conn: Connection, dialect: Dialect, requests: Sequence[SendRequest]
-) -> dict[tuple[str, str], StoredMessage]:
-    keys = sorted({(r.sender, r.client_msg_id) for r in requests})
-    rows = dialect.existing_messages(conn, keys)
-    return {(row.sender, row.client_msg_id): row_to_message(row) for row in rows}
-
-
 class _BatchWriter:
     """Allocates seqs and writes one batch of sends inside an open, locked transaction."""
 
     def __init__(
         self,
-        conn: Connection,
-        dialect: Dialect,
+        sql: SendSql,
         streams: Streams,
         existing: dict[tuple[str, str], StoredMessage],
         members: dict[str, frozenset[str]],
@@ -136,8 +175,7 @@ class _BatchWriter:
         files: dict[str, StoredFile] | None = None,
     ) -> None:
         self._files = files or {}
-        self._conn = conn
-        self._dialect = dialect
+        self._sql = sql
         self._streams = streams
         self._existing = existing
         self._members = members
@@ -229,7 +267,7 @@ class _BatchWriter:
             }
             for (_, r, _), user_seqs in zip(fresh, seqs, strict=True)
         ]
-        stored = [row_to_message(_Row(row)) for row in self._dialect.insert_messages(self._conn, rows)]
+        stored = [row_to_message(_Row(row)) for row in self._sql.insert_messages(rows)]
         outcomes = []
         for message, (_, _, audience), user_seqs in zip(stored, fresh, seqs, strict=True):
             before = len(self._streams.emitted)
@@ -251,7 +289,7 @@ class _BatchWriter:
             if hook.offline(user)
         ]
         if rows:
-            self._conn.execute(insert(push_outbox), [row | {"attempts": 0, "state": "pending"} for row in rows])
+            self._sql.insert_pushes(rows)
             hook.queued()
 
 

@@ -15,6 +15,7 @@ now needs is not locked: locks are still taken in one sorted pass, so no deadloc
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +32,8 @@ from mqchat.core.protocol import STREAM_EVENTS, AnyStreamEvent, Attachment, NewM
 
 NEW_MESSAGE = "new_message"
 _V = TypeVar("_V")
+StreamWriter = Callable[[list[dict[str, Any]], list[tuple[int, str]]], None]
+"""Writes a transaction's new stream rows and heads (``(last_seq, user_id)`` pairs)."""
 
 # Statements that run for every send or connecting device, built once: building one per
 # call (and its cache key) cost more than SQLite took to answer it.
@@ -89,10 +92,19 @@ class Streams:
     """Appends events to locked streams inside one transaction, then writes them out."""
 
     def __init__(
-        self, conn: Connection, dialect: Dialect, heads: dict[str, int], gone: frozenset[str] = frozenset()
+        self,
+        conn: Connection | None,
+        dialect: Dialect | None,
+        heads: dict[str, int],
+        gone: frozenset[str] = frozenset(),
+        writer: StreamWriter | None = None,
     ) -> None:
-        self._conn = conn
-        self._dialect = dialect
+        # ``writer`` writes the rows and heads out (default: the dialect's, on ``conn``); the
+        # send path on SQLite's own driver passes its own (sqlite_sends.py).
+        if writer is None:
+            assert conn is not None and dialect is not None
+            writer = functools.partial(dialect.write_stream, conn)
+        self._write = writer
         self.heads = heads
         # Deleted accounts: locked like the others (their rows order writers the same way), but
         # nothing is appended to their streams and they count as no user at all.
@@ -160,12 +172,16 @@ class Streams:
 
     def flush(self) -> Emitted:
         changed = [(h, u) for u, h in self.heads.items() if h != self._start[u]]
-        self._dialect.write_stream(self._conn, self._rows, changed)
+        self._write(self._rows, changed)
         return tuple(self.emitted)
 
 
 def lock_covering(
-    conn: Connection, dialect: Dialect, read: Callable[[], tuple[_V, set[str]]], also: Iterable[str] = ()
+    conn: Connection | None,
+    dialect: Dialect | None,
+    read: Callable[[], tuple[_V, set[str]]],
+    also: Iterable[str] = (),
+    lock: Callable[[set[str]], Streams] | None = None,
 ) -> tuple[Streams, _V]:
     """The lock / re-read / retry protocol, written once.
 
@@ -177,7 +193,11 @@ def lock_covering(
     that only shrank needs no retry: every stream it names is locked.
     """
     _, wanted = read()
-    streams = Streams.lock(conn, dialect, wanted | set(also))
+    if lock is None:
+        assert conn is not None and dialect is not None
+        streams = Streams.lock(conn, dialect, wanted | set(also))
+    else:
+        streams = lock(wanted | set(also))
     value, needed = read()
     if not needed <= streams.heads.keys() | streams.gone:
         raise SetChanged
