@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,6 +70,8 @@ class _Pending:
     device: DeviceAddress | None
     future: asyncio.Future[MessageAck] | None
     accepted: float = field(default_factory=time.perf_counter)
+    answered: Callable[[], None] | None = None
+    """Called once the send is answered (stored, or refused): the broker's PUBACK waits for it."""
 
 
 def _ack_for(outcome: SendOutcome) -> MessageAck:
@@ -224,11 +226,15 @@ class ChatService:
 
     # ------------------------------------------------------------- intake
 
-    def accept(self, device: DeviceAddress, payload: bytes | bytearray) -> None:
+    def accept(
+        self, device: DeviceAddress, payload: bytes | bytearray, answered: Callable[[], None] | None = None
+    ) -> bool:
         """Take one command published by a device. Never blocks, never raises.
 
         It is synchronous up to the enqueue, so sends from one device are stored in the
-        order they were published.
+        order they were published. True when the command is a send that was queued: then
+        ``answered`` is called once it is stored or refused (the broker holds its PUBACK until
+        then, so a PUBACK too means stored); False when nothing is left to wait for.
         """
         try:
             command = parse_command(payload, max_bytes=self._max_payload)
@@ -237,7 +243,8 @@ class ChatService:
             self._limits.commands.take(device.user_id, ref=getattr(command, "client_msg_id", None), what="commands")
             if isinstance(command, SendMessage | SendGroupMessage):
                 self._limit_send(device.user_id, device.client_id, command.client_msg_id)
-                self._enqueue(_Pending(_request(device.user_id, command), device, None))
+                self._enqueue(_Pending(_request(device.user_id, command), device, None, answered=answered))
+                return True
             elif isinstance(command, SyncMessages):
                 self._spawn(self._answer(device, self.sync(device.user_id, command.since_seq, command.limit)))
             elif isinstance(command, Ack):
@@ -250,6 +257,7 @@ class ChatService:
                 self._spawn(self._answer(device, self.typing(device, command)))
         except ChatError as exc:
             self._spawn(self.reply(device, error_event(exc)))
+        return False
 
     def refuse_publish(self, device: DeviceAddress, topic: str) -> None:
         """A PUBLISH outside the device's inbox reached nobody: tell the device (within its rate)."""
@@ -337,7 +345,9 @@ class ChatService:
             log.exception("publishing a stored batch failed")
             self._metrics.unpublished(outcomes)
         finally:
-            for _ in batch:
+            for pending in batch:
+                if pending.answered is not None:
+                    pending.answered()
                 self._queue.task_done()
 
     async def _store_batch(self, batch: list[_Pending]) -> list[SendOutcome | ChatError]:

@@ -23,7 +23,7 @@ from mqchat.bridge.cluster import RedisCluster, group_channel, user_channel
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.store import Emitted
 from mqchat.core.ids import DeviceAddress
-from mqchat.core.protocol import Event, Presence, encode_event, format_time
+from mqchat.core.protocol import AnyStreamEvent, Event, NewMessage, Presence, encode_event, format_time
 from mqchat.core.topics import STREAM_PREFIX, device_topic, group_topic, id_after, presence_topic, stream_topic
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,9 @@ class Fanout:
         """New stream entries, in seq order per user: to this node's devices, then, per user
         and in one message, to the other nodes; then the long-polls wake up."""
         by_user: dict[str, list[tuple[str, bytes]]] = {}
+        encoded = _Encoded()
         for user_id, event in emitted:
-            topic, payload = stream_topic(user_id), self.signed(user_id, encode_event(event))
+            topic, payload = stream_topic(user_id), self.signed(user_id, encoded(event))
             self._deliver(topic, payload)
             by_user.setdefault(user_id, []).append((topic, payload))
         if self.cluster is not None:
@@ -201,3 +202,24 @@ class Fanout:
     async def drain(self) -> None:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Encoded:
+    """Encodes the events of one batch, a message once whatever the number of its streams.
+
+    A message lands in every member's stream, each time with its own ``seq``: only that
+    field differs (it comes first after ``type``), so the rest is encoded once and the seq
+    spliced in. A group message of 1,000 members is one encoding instead of 1,000."""
+
+    def __init__(self) -> None:
+        self._tails: dict[int, bytes] = {}
+
+    def __call__(self, event: AnyStreamEvent) -> bytes:
+        if not isinstance(event, NewMessage):
+            return encode_event(event)
+        tail = self._tails.get(event.server_msg_id)
+        if tail is None:
+            full = encode_event(event)
+            cut = full.index(b',"server_msg_id":')
+            tail = self._tails[event.server_msg_id] = full[cut:]
+        return b'{"type":"new_message","seq":%d%s' % (event.seq, tail)

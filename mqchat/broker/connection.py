@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
-from collections.abc import Awaitable
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from websockets.asyncio.server import ServerConnection
@@ -75,7 +77,9 @@ class Broker(Protocol):
 
     def connect(self, connection: MqttConnection, packet: Connect) -> Awaitable[None]: ...
 
-    def publish_received(self, connection: MqttConnection, packet: Publish) -> None: ...
+    def publish_received(
+        self, connection: MqttConnection, packet: Publish, answered: Callable[[], None] | None = None
+    ) -> bool: ...
 
     def subscribe(self, connection: MqttConnection, packet: Subscribe) -> Awaitable[None]: ...
 
@@ -135,6 +139,7 @@ class MqttConnection(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__",
+        "_acks",
         "_broker",
         "_busy",
         "_flush_handle",
@@ -171,6 +176,7 @@ class MqttConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
         self._inflight: set[int] = set()
+        self._acks: deque[list[int | bool]] = deque()  # QoS 1 PUBACKs in PUBLISH order: [packet id, ready]
         self._next_id = 0
         self._qos2: set[int] = set()
         self._busy = False
@@ -305,13 +311,31 @@ class MqttConnection(asyncio.Protocol):
             if len(self._qos2) >= self._limits.max_inflight_qos2:
                 self.refuse(f"more than {self._limits.max_inflight_qos2} QoS 2 PUBLISHes without PUBREL")
                 return
+        if packet.qos == 1:
+            # A send's PUBACK waits until it is stored (or refused): then it leaves with the
+            # message_ack in one write, and it too means stored. PUBACKs still go out in the
+            # order of their PUBLISHes (MQTT 3.1.1, 4.6): the others wait behind a pending one.
+            ticket: list[int | bool] = [packet.packet_id or 0, False]
+            self._acks.append(ticket)
+            if not self._broker.publish_received(self, packet, functools.partial(self._answered, ticket)):
+                ticket[1] = True
+            logs.command.set(None)  # the next packet is another command
+            self._send_acks()
+            return
         self._broker.publish_received(self, packet)
         logs.command.set(None)  # the next packet is another command
-        if packet.qos == 1:
-            self.send(mqtt.puback(packet.packet_id or 0))
-        elif packet.qos == 2:
+        if packet.qos == 2:
             self._qos2.add(packet.packet_id or 0)
             self.send(Pubrec(packet.packet_id or 0).encode())
+
+    def _answered(self, ticket: list[int | bool]) -> None:
+        ticket[1] = True
+        self._send_acks()
+
+    def _send_acks(self) -> None:
+        acks = self._acks
+        while acks and acks[0][1]:
+            self.send(mqtt.puback(int(acks.popleft()[0])))
 
     def _wait_for(self, pending: Awaitable[None]) -> None:
         self._busy = True

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -307,17 +307,20 @@ class MqttServer:
 
     # ----------------------------------------------------- what a device sends
 
-    def publish_received(self, connection: MqttConnection, packet: Publish) -> None:
+    def publish_received(
+        self, connection: MqttConnection, packet: Publish, answered: Callable[[], None] | None = None
+    ) -> bool:
         """The one intake: a command on the device's own inbox goes to the chat service, in the
-        order the device sent it; a PUBLISH anywhere else reaches nobody and gets ``not_allowed``."""
+        order the device sent it; a PUBLISH anywhere else reaches nobody and gets ``not_allowed``.
+        True when ``answered`` will be called (a send, once stored or refused)."""
         device = connection.device
         if device is None:
-            return
+            return False
         if packet.topic == connection.inbox:
             # The retain flag is ignored: the inbox is a command topic and only the server retains.
-            self._chat.accept(device, packet.payload)
-        else:
-            self._chat.refuse_publish(device, packet.topic)
+            return self._chat.accept(device, packet.payload, answered)
+        self._chat.refuse_publish(device, packet.topic)
+        return False
 
     async def subscribe(self, connection: MqttConnection, packet: Subscribe) -> None:
         session, device = connection.session, connection.device

@@ -236,3 +236,30 @@ async def test_packets_the_spec_calls_malformed_close_the_connection(server: Run
         assert await connack_of(raw, Connect("alice:phone", True, 30, "alice", alice.encode())) == Connack(False)
         await raw.send(violation)
         assert await raw.next_packet() is None  # closed, with no SUBACK or anything else first
+
+
+async def test_a_sends_puback_comes_once_it_is_stored_and_pubacks_keep_their_order(server: RunningServer) -> None:
+    """PUBACK means stored: a send's PUBACK follows its message_ack; a command published after
+    it (a typing, answered at once) still gets its PUBACK after the send's (MQTT 3.1.1, 4.6)."""
+    alice, _ = await register(server, "alice"), await register(server, "bob")
+    async with raw_client(port(server)) as raw:
+        assert await connack_of(raw, Connect("alice:phone", True, 30, "alice", alice.encode())) == Connack(False)
+        await raw.send(Subscribe(1, (("chat/device/alice/phone", 1),)).encode())
+        assert isinstance(await raw.next_packet(), Suback)
+        page = await raw.next_packet()
+        assert isinstance(page, Publish) and b"sync_response" in page.payload
+        await raw.send(mqtt.puback(page.packet_id or 0))
+        await raw.send(Publish("chat/in/alice/phone", send_command("m-1", "bob", "hi"), 1, packet_id=11).encode())
+        typing = b'{"type":"typing","to_user":"bob","state":"started"}'
+        await raw.send(Publish("chat/in/alice/phone", typing, 1, packet_id=12).encode())
+        order = []
+        while len([p for p in order if isinstance(p, mqtt.Puback)]) < 2:
+            packet = await raw.next_packet()
+            assert packet is not None
+            order.append(packet)
+    kinds = [
+        ("ack" if b"message_ack" in p.payload else "event") if isinstance(p, Publish) else f"puback {p.packet_id}"
+        for p in order
+        if isinstance(p, Publish | mqtt.Puback)
+    ]
+    assert kinds.index("ack") < kinds.index("puback 11") < kinds.index("puback 12"), kinds
