@@ -252,12 +252,14 @@ def tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True, timeout=10).stdout
 
 
-async def screen_with(session: str, text: str, timeout: float = 20) -> list[str]:
-    """The terminal's lines once ``text`` is on it."""
+async def screen_with(session: str, text: str, timeout: float = 20, *, last: str | None = None) -> list[str]:
+    """The terminal's lines once ``text`` is on it (and, with ``last``, once the last non-empty
+    line is that: prompt_toolkit redraws the prompt a moment after printing a message above it)."""
     async with asyncio.timeout(timeout):
         while True:
             lines = tmux("capture-pane", "-p", "-t", session).splitlines()
-            if any(text in line for line in lines):
+            shown = [line.rstrip() for line in lines if line.strip()]
+            if any(text in line for line in lines) and (last is None or (shown and shown[-1] == last)):
                 return lines
             await asyncio.sleep(0.1)
 
@@ -291,7 +293,7 @@ async def test_on_a_terminal_incoming_messages_leave_the_typed_line_intact(
                     "/v1/messages", json={"client_msg_id": f"b{i}", "to_user": "alice", "content": f"ping {i}"}
                 )
                 assert sent.status_code == 200
-        lines = [line for line in (await screen_with(session, "[bob] ping 2")) if line.strip()]
+        lines = [line for line in (await screen_with(session, "[bob] ping 2", last="> half a thought")) if line.strip()]
         # Every message on a line of its own, above the prompt; the typed text still whole at the bottom.
         assert lines[-1].rstrip() == "> half a thought", lines
         assert [line for line in lines if "ping" in line] == ["[bob] ping 0", "[bob] ping 1", "[bob] ping 2"], lines
