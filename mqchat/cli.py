@@ -234,7 +234,7 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise ConfigError("event_loop = uvloop, but uvloop is not installed (pip install 'mqchat[fast]')") from None
+            raise ConfigError("event_loop = uvloop, but uvloop is not installed (pip install uvloop)") from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

@@ -351,7 +351,7 @@ class Settings(BaseSettings):
     """``json``: one JSON object per line, with the node id and, where known, the request id,
     client id and command type."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
-    """``auto``: uvloop when it is installed (``pip install mqchat[fast]``), else asyncio's own."""
+    """``auto``: uvloop when it is installed (a default dependency where it builds), else asyncio's own."""
     mqtt: MqttSettings = MqttSettings()
     http: HttpSettings = HttpSettings()
     auth: AuthSettings = AuthSettings()
