@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mqchat.bench.run import TARGETS, Scenario, plot, raise_fd_limit, run_all, table, write_json
-from mqchat.bench.targets import Options
+from mqchat.bench.run import CLUSTERS, TARGETS, Scenario, plot, raise_fd_limit, run_all, table, write_json
+from mqchat.bench.targets import DEFAULT_CLUSTER_DATABASE, Options
 
 
 def _address(value: str) -> tuple[str, int]:
@@ -37,7 +37,16 @@ def add_parser(commands: Any) -> None:
     bench.add_argument("--connect-concurrency", type=int, default=100, help="CONNECTs in flight (default 100)")
     bench.add_argument("--drop", type=int, default=0, help="extra idle devices that all disconnect half-way")
     bench.add_argument("--targets", default="mqchat,amqtt,mosquitto", help=f"comma list of {', '.join(TARGETS)}")
-    bench.add_argument("--database-url", help="mqchat store (default: SQLite in a temporary data dir)")
+    bench.add_argument(
+        "--database-url",
+        help="mqchat's store; a PostgreSQL URL is where each spawned target creates (and drops) a fresh "
+        "database (default: SQLite in a temporary data dir; clusterN: " + DEFAULT_CLUSTER_DATABASE + ")",
+    )
+    bench.add_argument(
+        "--via-haproxy",
+        action="store_true",
+        help="clusterN: devices connect through HAProxy (TCP, leastconn) instead of straight to node i %% N",
+    )
     bench.add_argument("--no-uvloop", action="store_true", help="run the spawned mqchat on the stdlib event loop")
     bench.add_argument("--mqchat-at", type=_address, help="HOST:PORT of a running mqchat instead of spawning one")
     bench.add_argument("--data-dir", type=Path, help="with --mqchat-at: its data dir (store and signing secret)")
@@ -85,7 +94,10 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
         mosquitto=args.mosquitto,
         mosquitto_pid=args.mosquitto_pid,
         uvloop=not args.no_uvloop,
+        via_haproxy=args.via_haproxy,
     )
+    if "mqchat" in targets and any(t in CLUSTERS for t in targets) and not args.database_url:
+        print("mqchat bench: mqchat runs on SQLite, the clusters on PostgreSQL: give --database-url", file=sys.stderr)
     results = asyncio.run(run_all(scenario, opts, targets))
     stem = f"bench-{args.scenario}-{args.clients}c-{int(args.rate)}r"
     write_json(args.out / f"{stem}.json", scenario, argv, results)

@@ -56,6 +56,11 @@ class Recorder:
     delivered_in_window: int = 0
     completed: int = 0
     unexpected_disconnects: int = 0
+    received: dict[int, int] = field(default_factory=dict)  # device index -> deliveries
+    node_of: dict[int, int] | None = None
+    """Device index -> the node it is connected to, for a cluster; None for a single server."""
+    cross_e2e_ns: list[int] = field(default_factory=list)
+    cross_delivered_in_window: int = 0
 
     def on_send(self, msg_id: bytes, now: int) -> None:
         self.sent_at[msg_id] = now
@@ -79,12 +84,19 @@ class Recorder:
             return
         seen.add(receiver)
         self.deliveries += 1
+        self.received[receiver] = self.received.get(receiver, 0) + 1
         if len(seen) == self.expected_per_message and msg_id not in self.refused:
             self.completed += 1
+        nodes = self.node_of
+        cross = nodes is not None and receiver in nodes and sender in nodes and nodes[receiver] != nodes[sender]
         if self.window[0] <= sent < self.window[1]:
             self.e2e_ns.append((sent, now - sent))
+            if cross:
+                self.cross_e2e_ns.append(now - sent)
         if self.window[0] <= now < self.window[1]:
             self.delivered_in_window += 1
+            if cross:
+                self.cross_delivered_in_window += 1
 
     def on_ack(self, msg_id: bytes, now: int) -> None:
         sent = self.sent_at.get(msg_id)
@@ -123,6 +135,7 @@ class BenchClient(asyncio.Protocol):
         self.closing = False
         self.connected = False
         self.sent = 0
+        self.local_port = 0
 
     # ------------------------------------------------------------ set-up
 
@@ -171,6 +184,7 @@ class BenchClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self.local_port = int(transport.get_extra_info("sockname")[1])
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.connected and not self.closing:
@@ -207,15 +221,15 @@ class BenchClient(asyncio.Protocol):
 
 async def connect_all(
     clients: Sequence[BenchClient],
-    host: str,
-    port: int,
+    address: Callable[[int], tuple[str, int]],
     topics: Callable[[int], list[str]],
     *,
     concurrency: int,
     limit_s: float,
     progress: Callable[[str], None],
 ) -> list[str]:
-    """Connect and subscribe every client, ``concurrency`` at a time; returns the failures."""
+    """Connect and subscribe every client (to ``address(index)``), ``concurrency`` at a time;
+    returns the failures."""
     failures: list[str] = []
     queue = iter(clients)
     done = 0
@@ -224,7 +238,7 @@ async def connect_all(
         nonlocal done
         for client in queue:
             try:
-                await client.start(host, port, topics(client.index), limit_s)
+                await client.start(*address(client.index), topics(client.index), limit_s)
             except (OSError, TimeoutError) as exc:
                 failures.append(f"{client.index}: {exc!r}")
                 client.close(abort=True)

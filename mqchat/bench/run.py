@@ -2,7 +2,9 @@
 
 Phases per target: connect and subscribe every device (connect rate), settle
 (idle RSS), drive traffic at the given rate for the given time (progress each
-second), drain, then count lost and duplicated messages.
+second), drain, then count lost and duplicated messages. A cluster target is
+measured per node and per process (nodes, redis-server, HAProxy), and compared
+with the single ``mqchat`` node of the same run.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from mqchat.bench.load import BenchClient, Recorder, connect_all
-from mqchat.bench.targets import Options, ProcStats, Target, amqtt_target, mosquitto_target, mqchat_target
+from mqchat.bench.targets import (
+    Options,
+    ProcStats,
+    Target,
+    amqtt_target,
+    cluster_target,
+    mosquitto_target,
+    mqchat_target,
+)
 
-TARGETS = ("mqchat", "amqtt", "mosquitto")
+TARGETS = ("mqchat", "amqtt", "mosquitto", "cluster1", "cluster2", "cluster3")
+CLUSTERS = ("cluster1", "cluster2", "cluster3")
+"""``clusterN``: N mqchat nodes on PostgreSQL and Redis; compared with ``mqchat`` (one node, no Redis)."""
 _S = 1_000_000_000
 
 
@@ -58,6 +70,8 @@ def _target(name: str, opts: Options, count: int) -> AbstractAsyncContextManager
         return mqchat_target(opts, count)
     if name == "amqtt":
         return amqtt_target(opts)
+    if name in CLUSTERS:
+        return cluster_target(opts, count, nodes=int(name.removeprefix("cluster")))
     return mosquitto_target(opts)
 
 
@@ -153,8 +167,7 @@ async def _connected(
     started = time.perf_counter()
     failures = await connect_all(
         clients,
-        target.host,
-        target.port,
+        target.address,
         lambda i: target.dialect.subscriptions(i, group=group and i < scenario.clients),
         concurrency=scenario.concurrency,
         limit_s=60,
@@ -175,12 +188,15 @@ async def run_target(name: str, scenario: Scenario, opts: Options) -> dict[str, 
     users = scenario.clients + scenario.drop
     result: dict[str, Any] = {"target": name}
     async with _target(name, opts, users) as target:
-        stats = ProcStats(target.pid)
+        stats = ProcStats(target.processes)
         expected = 1 if scenario.kind == "one2one" else max(1, min(scenario.clients, opts.group_size) - 1)
         recorder = Recorder(expected_per_message=expected)
-        _log(f"[{name}] connecting {users} devices to {target.host}:{target.port}")
+        where = ", ".join(f"{host}:{port}" for host, port in target.addresses)
+        _log(f"[{name}] connecting {users} devices to {where}")
         async with _connected(scenario, target, recorder, result) as clients:
             await asyncio.sleep(2)  # let subscribe-time work (catch-up, retained presence) finish
+            result["nodes"], result["store"] = target.nodes, target.store
+            await _place(target, clients, recorder, result)
             result["idle_rss_mib"] = (stats.rss_bytes() or 0) / 2**20
             result["idle_rss_kib_per_device"] = (stats.rss_bytes() or 0) / 1024 / max(1, users)
             senders = _senders(scenario, opts, clients)
@@ -191,14 +207,68 @@ async def run_target(name: str, scenario: Scenario, opts: Options) -> dict[str, 
             cpu1, gen1, t1 = stats.cpu_seconds(), time.process_time(), time.perf_counter()
             result["drain_seconds"] = await _drain(recorder, scenario.drain)
             result.update(_summary(scenario, recorder, drive, t1 - t0))
-            result["server_cpu_pct"] = None if cpu0 is None or cpu1 is None else 100 * (cpu1 - cpu0) / (t1 - t0)
-            if cpu0 is not None and cpu1 is not None and drive.sent:
-                # CPU per message is what a busy shared machine distorts least.
-                result["server_cpu_us_per_msg"] = 1e6 * (cpu1 - cpu0) / drive.sent
+            receivers = _receivers(scenario, opts, clients, senders)
+            result["receivers_without_delivery"] = sum(1 for i in receivers if not recorder.received.get(i))
+            result.update(_cpu(stats, cpu0, cpu1, t1 - t0, drive.sent))
             result["loadavg_1m"] = _loadavg()
             result["generator_cpu_pct"] = 100 * (gen1 - gen0) / (t1 - t0)
             result["server_max_rss_mib"] = max(drive.max_rss, stats.rss_bytes() or 0) / 2**20
     return result
+
+
+async def _place(target: Target, clients: list[BenchClient], recorder: Recorder, result: dict[str, Any]) -> None:
+    """Which node each device is on, so that deliveries between nodes are counted apart."""
+    placement = await target.placement({c.index: c.local_port for c in clients if c.connected})
+    recorder.node_of = placement
+    if placement is not None:
+        per_node = [sum(1 for n in placement.values() if n == k) for k in range(target.nodes)]
+        result["devices_per_node"] = per_node
+        _log(f"[{target.name}] devices per node: {'/'.join(map(str, per_node))}")
+
+
+def _receivers(
+    scenario: Scenario, opts: Options, clients: list[BenchClient], senders: list[tuple[BenchClient, int | None]]
+) -> set[int]:
+    """The devices that must get deliveries: each 1:1 recipient; in a group, every connected
+    member that another member sends to."""
+    if scenario.kind == "one2one":
+        return {r for _, r in senders if r is not None}
+    sending = {c.index for c, _ in senders}
+    members = clients[: min(scenario.clients, opts.group_size)]
+    return {c.index for c in members if c.connected and sending - {c.index}}
+
+
+def _cpu(
+    stats: ProcStats, before: dict[str, float | None], after: dict[str, float | None], seconds: float, sent: int
+) -> dict[str, Any]:
+    """CPU of every process over the traffic phase, in % of a core and in us per message sent.
+
+    ``server_*`` sums the servers (every node of a cluster), ``redis_*`` and ``proxy_*`` the
+    redis-server and HAProxy; ``cluster_cpu_us_per_msg`` is the nodes plus Redis."""
+    used: dict[str, float | None] = {}
+    for label, a in before.items():
+        b = after.get(label)
+        used[label] = None if a is None or b is None else b - a
+    out: dict[str, Any] = {}
+    by_role: dict[str, list[float | None]] = {}
+    for process in stats.processes:
+        by_role.setdefault(process.role, []).append(used[process.label])
+    for role, values in by_role.items():
+        total = None if None in values else sum(v for v in values if v is not None)
+        out[f"{role}_cpu_pct"] = None if total is None else 100 * total / seconds
+        out[f"{role}_cpu_us_per_msg"] = None if total is None or not sent else 1e6 * total / sent
+    servers = [p.label for p in stats.processes if p.role == "server"]
+    if len(servers) > 1:
+        out["node_cpu_pct"] = {n: _per(used[n], 100 / seconds) for n in servers}
+        out["node_cpu_us_per_msg"] = {n: _per(used[n], 1e6 / sent) if sent else None for n in servers}
+    server, redis = out.get("server_cpu_us_per_msg"), out.get("redis_cpu_us_per_msg")
+    if server is not None and redis is not None:
+        out["cluster_cpu_us_per_msg"] = server + redis
+    return out
+
+
+def _per(value: float | None, scale: float) -> float | None:
+    return None if value is None else value * scale
 
 
 def _senders(scenario: Scenario, opts: Options, clients: list[BenchClient]) -> list[tuple[BenchClient, int | None]]:
@@ -250,6 +320,11 @@ def _summary(scenario: Scenario, recorder: Recorder, drive: Drive, seconds: floa
         after = sorted(lat for sent, lat in recorder.e2e_ns if drive.drop_at <= sent < drive.drop_at + 3 * _S)
         out["after_drop_p99_ms"] = _pct(after, 0.99)
         out["after_drop_max_ms"] = _pct(after, 1.0)
+    if recorder.node_of is not None:
+        cross = sorted(recorder.cross_e2e_ns)
+        out["cross_node_delivered_per_s"] = recorder.cross_delivered_in_window / window if window > 0 else None
+        out["cross_node_e2e_p50_ms"] = _pct(cross, 0.5)
+        out["cross_node_e2e_p99_ms"] = _pct(cross, 0.99)
     out["_e2e_sample_ms"] = [lat / 1e6 for lat in e2e[:: max(1, len(e2e) // 2000)]]
     return out
 
@@ -270,28 +345,43 @@ _ROWS: list[tuple[str, str, str]] = [
     ("ack_p99_ms", "stored-ack p99 ms", "{:.2f}"),
     ("puback_p50_ms", "PUBACK p50 ms", "{:.2f}"),
     ("puback_p99_ms", "PUBACK p99 ms", "{:.2f}"),
+    ("cross_node_delivered_per_s", "cross-node delivered msgs/s", "{:.0f}"),
+    ("cross_node_e2e_p50_ms", "cross-node e2e p50 ms", "{:.2f}"),
+    ("cross_node_e2e_p99_ms", "cross-node e2e p99 ms", "{:.2f}"),
     ("server_cpu_pct", "server CPU %", "{:.0f}"),
+    ("node_cpu_pct", "CPU % per node", "{:.0f}"),
     ("server_cpu_us_per_msg", "server CPU us/msg sent", "{:.0f}"),
+    ("node_cpu_us_per_msg", "CPU us/msg per node", "{:.0f}"),
+    ("redis_cpu_us_per_msg", "redis-server CPU us/msg", "{:.0f}"),
+    ("cluster_cpu_us_per_msg", "nodes+Redis CPU us/msg", "{:.0f}"),
+    ("proxy_cpu_us_per_msg", "HAProxy CPU us/msg", "{:.0f}"),
     ("server_max_rss_mib", "server RSS MiB (max)", "{:.0f}"),
     ("generator_cpu_pct", "generator CPU %", "{:.0f}"),
     ("lost", "lost (undelivered after drain)", "{:.0f}"),
     ("duplicated", "duplicated", "{:.0f}"),
+    ("receivers_without_delivery", "receivers with no delivery", "{:.0f}"),
     ("refused", "refused (server_busy)", "{:.0f}"),
     ("skipped_backlog", "not sent (backlog cap)", "{:.0f}"),
     ("unexpected_disconnects", "unexpected disconnects", "{:.0f}"),
     ("after_drop_p99_ms", "after drop p99 ms", "{:.1f}"),
     ("after_drop_max_ms", "after drop max ms", "{:.1f}"),
     ("loadavg_1m", "machine load (1 min)", "{:.1f}"),
+    ("p99_vs_1_node", "p99 vs 1 node", "{:.2f}"),
+    ("cpu_vs_1_node", "nodes+Redis CPU/msg vs 1 node", "{:.2f}"),
+    ("redis_adds", "Redis adds (CPU/msg)", "{:+.0%}"),
 ]
 
 
 def _cell(value: Any, fmt: str) -> str:
+    if isinstance(value, dict):  # per node: "n1/n2/n3"
+        return "/".join(_cell(v, fmt) for v in value.values())
     return "-" if value is None else fmt.format(value)
 
 
 def table(results: list[dict[str, Any]]) -> str:
     names = [r["target"] for r in results]
-    ratios = [n for n in names if n != "mqchat"] if "mqchat" in names else []
+    # Ratio columns against the plain brokers; the clusters have their own ratio rows.
+    ratios = [n for n in names if n not in ("mqchat", *CLUSTERS)] if "mqchat" in names else []
     head = ["metric", *names, *(f"mqchat/{n}" for n in ratios)]
     lines = [head]
     by_name = {r["target"]: r for r in results}
@@ -340,7 +430,33 @@ async def run_all(scenario: Scenario, opts: Options, targets: list[str]) -> list
         result = await run_target(name, scenario, opts)
         result["clients"] = scenario.clients
         results.append(result)
+    compare_clusters(results)
     return results
+
+
+def compare_clusters(results: list[dict[str, Any]]) -> None:
+    """Each cluster against the single node (``mqchat``) of the same run and store:
+    ``p99_vs_1_node`` (e2e p99 ratio), ``cpu_vs_1_node`` (nodes plus redis-server CPU per
+    message over the single node's), and for ``cluster1`` ``redis_adds`` (that ratio minus 1:
+    one node with Redis against one node without)."""
+    base = next((r for r in results if r["target"] == "mqchat"), None)
+    if base is None:
+        return
+    for result in results:
+        if result["target"] not in CLUSTERS:
+            continue
+        if base.get("store") != result.get("store"):
+            stores = f"mqchat ran on {base.get('store')}, the cluster on {result.get('store')}"
+            _log(f"[{result['target']}] not compared with one node: {stores} (give --database-url)")
+            continue
+        result["p99_vs_1_node"] = _ratio(result.get("e2e_p99_ms"), base.get("e2e_p99_ms"))
+        result["cpu_vs_1_node"] = _ratio(result.get("cluster_cpu_us_per_msg"), base.get("server_cpu_us_per_msg"))
+        if result["target"] == "cluster1" and result["cpu_vs_1_node"] is not None:
+            result["redis_adds"] = result["cpu_vs_1_node"] - 1
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, int | float) and isinstance(b, int | float) and b else None
 
 
 def write_json(path: Path, scenario: Scenario, argv: list[str], results: list[dict[str, Any]]) -> None:

@@ -28,6 +28,16 @@ async def fresh_database() -> tuple[str, str]:
     return f"{base}/{name}", name
 
 
+async def require_server() -> None:
+    """Skip (fail under ``MQCHAT_REQUIRE_SERVICES=1``) when the server is unreachable: for tests
+    that hand ``PG_URL`` to a process that creates its own databases (``mqchat bench``)."""
+    try:
+        conn = await asyncpg.connect(_ADMIN_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        service_missing(f"PostgreSQL at {PG_URL} is unreachable: {exc}")
+    await conn.close()
+
+
 async def drop_database(name: str) -> None:
     conn = await asyncpg.connect(_ADMIN_DSN, timeout=5)
     try:
