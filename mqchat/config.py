@@ -341,7 +341,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     redis_url: str | None = None
     """Redis for cluster mode, e.g. ``redis://127.0.0.1:6379/0``. Unset: a single node."""
-    node_id: str | None = Field(default=None, min_length=1, max_length=255)
+    node_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^\S+$")
     """This node's name in the cluster, metrics, logs and health rows. Unset: the host name in
     metrics, logs and health; in cluster mode the host name and process id (give every node its
     own, stable one: ``--node-id``)."""

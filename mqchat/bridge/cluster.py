@@ -222,6 +222,7 @@ class RedisCluster:
 
     def __init__(self, url: str, node_id: str | None, settings: ClusterSettings) -> None:
         self.node_id = node_id or default_node_id()
+        self._own_origin = self.node_id.encode() + b"\n"
         self._settings = settings
         self._redis = redis.Redis.from_url(
             url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT, decode_responses=False
@@ -415,10 +416,8 @@ class RedisCluster:
         elif channel == self._probe_channel:
             if data == self._probe_nonce:
                 self._probe_seen.set()
-        else:
-            origin, items = decode_items(data)
-            if origin != self.node_id:
-                self.on_events(items)
+        elif not data.startswith(self._own_origin):  # our own: delivered here when stored
+            self.on_events(decode_items(data)[1])
 
     def _on_control(self, data: bytes) -> None:
         try:
