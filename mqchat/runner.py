@@ -138,6 +138,10 @@ async def _serve_http(
             header_timeout=settings.http.header_timeout_seconds, max_connections=cap, listener=name
         ),
         ws="none",  # MQTT over WebSocket has its own listener; the API has no WebSocket route
+        # asyncio accepts up to ``backlog`` connections per wake-up before any refused one is
+        # closed (closing waits for the next loop turn): with uvicorn's 2048 a flood against a
+        # full listener could still take every descriptor for a moment. Bound it by the cap.
+        backlog=min(2048, cap),
         timeout_keep_alive=settings.http.keepalive_timeout_seconds,
         # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: any local process, or a
         # same-host proxy that does not set the header, could pick the client address that
@@ -180,6 +184,7 @@ def _serve_metrics(services: Services, sock: socket.socket) -> contextlib.Abstra
             header_timeout=services.settings.http.header_timeout_seconds, max_connections=64, listener="metrics"
         ),
         ws="none",
+        backlog=64,
         timeout_keep_alive=services.settings.http.keepalive_timeout_seconds,
         log_level="warning",
         log_config=None,
