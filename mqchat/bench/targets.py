@@ -452,7 +452,7 @@ async def haproxy(work: Path, nodes: Sequence[tuple[int, int]], clients: int, lo
     if binary is None:
         raise FileNotFoundError("haproxy is not installed (apt-get install haproxy)")
     port = free_port()
-    stats_socket = work / "haproxy.sock"
+    stats_socket = (work / "haproxy.sock").resolve()  # HAProxy reads a relative path as host:port
     config = _write(work / "haproxy.cfg", haproxy_config(port, nodes, 2 * clients + 100, stats_socket))
     proc = _spawn([binary, "-db", "-f", str(config)], log_dir / "haproxy.log")
     try:
