@@ -120,6 +120,20 @@ class Recorder:
         return missing
 
 
+CLIENTS_PER_SOURCE = 25_000
+"""Clients per loopback source address: one address has about 28,000 ephemeral ports
+(32768-60999) towards one server port, so 50,000 devices need two."""
+
+
+def source_address(index: int, host: str) -> tuple[str, int] | None:
+    """The first 25,000 clients connect from the kernel's choice; later ones to a loopback
+    server from 127.0.0.2, 127.0.0.3, ... (all of 127/8 is local on Linux)."""
+    spread = index // CLIENTS_PER_SOURCE
+    if spread == 0 or not host.startswith("127."):
+        return None
+    return (f"127.0.0.{1 + spread % 254}", 0)
+
+
 class BenchClient(asyncio.Protocol):
     """One MQTT connection: CONNECT/SUBSCRIBE, then QoS 1 publishes both ways."""
 
@@ -142,7 +156,7 @@ class BenchClient(asyncio.Protocol):
     async def start(self, host: str, port: int, topics: list[str], limit_s: float) -> None:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(limit_s):
-            await loop.create_connection(lambda: self, host, port)
+            await loop.create_connection(lambda: self, host, port, local_addr=source_address(self.index, host))
             client_id, username, password = self._dialect.credentials(self.index)
             secret = None if password is None else password.encode()
             connack = await self._request(Connect(client_id, True, 0, username, secret).encode())
