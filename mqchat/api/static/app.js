@@ -83,6 +83,7 @@ const state = {
   syncFrom: 0, // the since_seq of the last sync_messages we sent
   gap: null, // {previous_cursor, oldest_seq, at}: retention deleted events this device had not read
   expired: 0, // cursor_expired refusals received (each asks for at most one sync)
+  resyncOnSubscribed: false, // a refusal came before our SUBACK: sync and ack once subscribed
   conversations: [], // from GET /v1/conversations, with placeholders for new chats
   groups: new Map(), // group_id -> group (for names and members)
   open: null, // the conversation id shown
@@ -339,7 +340,7 @@ function connect() {
 }
 
 function onConnect(client) {
-  Object.assign(state, { catchingUp: true, firstPage: true, syncing: false, acked: 0 });
+  Object.assign(state, { catchingUp: true, firstPage: true, syncing: false, acked: 0, resyncOnSubscribed: false });
   const topics = { [streamTopic()]: { qos: 1 }, [deviceTopic()]: { qos: 1 } };
   client.subscribe(topics, (error, granted) => {
     if (error || granted.some((g) => g.qos === 128)) {
@@ -348,6 +349,12 @@ function onConnect(client) {
     }
     state.ready = true;
     setStatus("online");
+    if (state.resyncOnSubscribed) {
+      state.resyncOnSubscribed = false;
+      state.syncing = false;
+      requestSync();
+      sendAck();
+    }
     if (state.watched.length) client.subscribe(state.watched, { qos: 0 });
     if (state.acked > 0 || state.cursor > 0) refreshInBackground(); // what changed while away
     flushOutbox();
@@ -511,6 +518,7 @@ function onCursorExpired(error) {
   } else {
     state.syncing = false;
   }
+  if (!state.ready) state.resyncOnSubscribed = true; // nothing can be published before the SUBACK
   requestSync();
 }
 
