@@ -8,6 +8,7 @@ server (no FastAPI, SQLAlchemy or amqtt). Guide: docs/clients.md.
 from mqchat.clients.backoff import Backoff
 from mqchat.clients.client import RETRYABLE_CODES, ChatClient
 from mqchat.clients.errors import ApiUnavailable, ClientClosed, ClientError, LoginFailed, StoreInUse
+from mqchat.clients.gaps import HistoryGap, StreamItem
 from mqchat.clients.http import Conversation, Group, HttpApi, Message
 from mqchat.clients.store import OutboxEntry
 from mqchat.clients.sync import SyncChatClient
@@ -21,10 +22,12 @@ __all__ = [
     "ClientError",
     "Conversation",
     "Group",
+    "HistoryGap",
     "HttpApi",
     "LoginFailed",
     "Message",
     "OutboxEntry",
     "StoreInUse",
+    "StreamItem",
     "SyncChatClient",
 ]

@@ -15,6 +15,8 @@ clocks. This module only does the I/O, in one event loop, without locks:
 * The ticker calls ``ClientMachine.tick`` at the machine's ``deadline`` (resends, the end of
   a pause, the sync watchdog, the batched ack) and after every other input.
 * ``events()``: taking the next event commits the previous one (``ClientMachine.commit``).
+  Besides the stream's events it yields a ``HistoryGap`` where retention deleted events this
+  device had not read (the machine resets the cursor and reads on; mqchat/clients/gaps.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pydantic import ValidationError
 
 from mqchat.clients.backoff import Backoff
 from mqchat.clients.errors import ClientClosed, ClientError, LoginFailed
+from mqchat.clients.gaps import StreamItem
 from mqchat.clients.http import Conversation, Group, HttpApi, Message
 from mqchat.clients.machine import (
     RETRYABLE_CODES,
@@ -58,13 +61,12 @@ from mqchat.clients.machine import (
     SendEntry,
 )
 from mqchat.clients.store import LocalStore, OutboxEntry
-from mqchat.core.errors import ChatError, InvalidCommand, NotAuthorized, PayloadTooLarge
+from mqchat.core.errors import ChatError, CursorExpired, InvalidCommand, NotAuthorized, PayloadTooLarge
 from mqchat.core.ids import DeviceAddress, check_id
 from mqchat.core.origin import decode_key
 from mqchat.core.protocol import (
     MAX_PAYLOAD_BYTES,
     Ack,
-    AnyStreamEvent,
     Attachment,
     MarkAsRead,
     MessageAck,
@@ -144,7 +146,7 @@ class _Feed(Generic[T]):
 class _StreamEvents:
     """``async for event in client.events()``: taking the next event commits the previous one."""
 
-    def __init__(self, feed: _Feed[AnyStreamEvent], commit: Callable[[], None], taken: Callable[[int], None]) -> None:
+    def __init__(self, feed: _Feed[StreamItem], commit: Callable[[], None], taken: Callable[[int], None]) -> None:
         self._feed = feed
         self._commit = commit
         self._taken = taken
@@ -152,7 +154,7 @@ class _StreamEvents:
     def __aiter__(self) -> _StreamEvents:
         return self
 
-    async def __anext__(self) -> AnyStreamEvent:
+    async def __anext__(self) -> StreamItem:
         self._commit()
         event = await self._feed.get()
         self._taken(event.seq)
@@ -262,7 +264,7 @@ class ChatClient:
         self._store: LocalStore | None = None
         self._device: DeviceAddress | None = None
         self._machine: ClientMachine | None = None
-        self._stream: _Feed[AnyStreamEvent] = _Feed()
+        self._stream: _Feed[StreamItem] = _Feed()
         self._typing: _Feed[TypingEvent] = _Feed(maxsize=1000)
         self._waiters: dict[str, asyncio.Future[MessageAck]] = {}
         self._groups: set[str] = set()
@@ -448,9 +450,12 @@ class ChatClient:
             return None
         return (await self.upload(attachment)).id
 
-    def events(self) -> AsyncIterator[AnyStreamEvent]:
+    def events(self) -> AsyncIterator[StreamItem]:
         """The user's stream (messages, receipts, read markers, recalls, group changes) in seq
         order, each event once.
+
+        Where the server no longer holds events this device has not read (retention), a
+        ``HistoryGap`` comes in their place, and the stream goes on from the oldest kept event.
 
         An event counts as processed when the loop asks for the next one (or the client is
         closed); the client then persists the cursor and acks it to the server. After a crash
@@ -625,6 +630,9 @@ class ChatClient:
         path = f"/v1/sync?since_seq={action.since_seq}&limit={action.limit}"
         try:
             page = SyncResponse.model_validate(await self.http.request("GET", path, token=await self._access_token()))
+        except CursorExpired as exc:
+            self._apply(machine.http_sync_expired(exc, _now()))
+            return
         except (ChatError, ClientError, ValidationError) as exc:
             log.warning("GET /v1/sync failed (%s); asking again later", exc)
             self._apply(machine.http_sync_failed())

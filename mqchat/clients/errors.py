@@ -14,7 +14,7 @@ only go wrong on the client side has its own small tree::
 
 from __future__ import annotations
 
-from mqchat.core.errors import ALL_ERRORS, ChatError, RateLimited
+from mqchat.core.errors import ALL_ERRORS, ChatError, CursorExpired, RateLimited
 
 _BY_CODE: dict[str, type[ChatError]] = {error.code: error for error in ALL_ERRORS}
 
@@ -43,12 +43,22 @@ class StoreInUse(ClientError):
     pass
 
 
-def chat_error(code: str, message: str, ref: str | None = None, *, retry_after: float | None = None) -> ChatError:
+def chat_error(
+    code: str,
+    message: str,
+    ref: str | None = None,
+    *,
+    retry_after: float | None = None,
+    oldest_seq: int | None = None,
+    latest_seq: int | None = None,
+) -> ChatError:
     """The ``ChatError`` subclass for a protocol error code (plain ``ChatError`` for unknown codes)."""
     cls = _BY_CODE.get(code)
     if cls is RateLimited:
         # The server always says when; a second is the guess for a body that does not.
         return RateLimited(message, retry_after=1.0 if retry_after is None else retry_after, ref=ref)
+    if cls is CursorExpired:
+        return CursorExpired(message, oldest_seq=oldest_seq, latest_seq=latest_seq, ref=ref)
     if cls is not None:
         return cls(message, ref=ref)
     error = ChatError(message, ref=ref)

@@ -238,6 +238,7 @@ def _error_from(exc: urllib.error.HTTPError) -> ChatError:
         error = json.loads(exc.read())["error"]
         retry_after = error.get("retry_after")
         retry_after = float(retry_after) if isinstance(retry_after, int | float) else None
-        return chat_error(str(error["code"]), str(error["message"]), retry_after=retry_after)
+        seqs = {name: error[name] for name in ("oldest_seq", "latest_seq") if isinstance(error.get(name), int)}
+        return chat_error(str(error["code"]), str(error["message"]), retry_after=retry_after, **seqs)
     except (ValueError, KeyError, TypeError, OSError):
         return chat_error("internal_error" if exc.code >= 500 else "invalid_command", f"HTTP {exc.code}: {exc.reason}")

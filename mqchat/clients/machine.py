@@ -17,6 +17,7 @@ input                                   what it may return
 ``tick(now)``                           ``SendEntry`` (due again), ``RequestSync`` (watchdog,
                                         probe), ``PersistCursor`` + ``SendAck``
 ``http_sync(page, now)``                ``Deliver`` (the server's word on a disputed seq)
+``http_sync_expired(error, now)``       as ``receive`` of a ``cursor_expired`` error
 ``close(now)``                          ``PersistCursor`` + ``SendAck``
 ======================================  ==========================================================
 
@@ -30,6 +31,10 @@ nor move the cursor. Group topics carry no ``sig`` (they are shared): only ``typ
 taken from them. And should two validly signed events ever claim one seq with different
 content (the event key leaked), the machine keeps neither on trust: it holds the seq and
 asks the server over HTTP (``FetchSync``), whose answer is authoritative.
+
+Retention: a sync or catch-up answered ``cursor_expired`` (the server deleted events after the
+cursor) resets the stream to ``oldest_seq - 1``, delivers a ``HistoryGap`` in the gap's place
+and reads on from there (docs/protocol.md, "cursor_expired: resetting a device").
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from dataclasses import dataclass, field
 
 from mqchat.clients.backoff import Backoff
 from mqchat.clients.errors import chat_error
+from mqchat.clients.gaps import HistoryGap, StreamItem
 from mqchat.clients.sequencer import StreamSequencer
 from mqchat.clients.store import OutboxEntry
-from mqchat.core.errors import ChatError
+from mqchat.core.errors import ChatError, CursorExpired
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.origin import verify
 from mqchat.core.protocol import (
@@ -128,9 +134,9 @@ class ReportError:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """Hand these stream events to the application, in this order."""
+    """Hand these stream events (and history gaps) to the application, in this order."""
 
-    events: tuple[AnyStreamEvent, ...]
+    events: tuple[StreamItem, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +266,8 @@ class ClientMachine:
         #: ``sync_response`` pages received on the device topic (signed, so from an mqchat
         #: server): none a few seconds after connecting means no mqchat is behind that port.
         self.sync_pages = 0
+        #: ``cursor_expired`` answers received (each asks for at most one sync; see ``_expired``).
+        self.cursor_expired = 0
 
     # ----------------------------------------------------------------- state
 
@@ -403,6 +411,14 @@ class ClientMachine:
         self._fetching = False
         return []
 
+    def http_sync_expired(self, error: CursorExpired, now: float) -> list[Action]:
+        """``FetchSync`` was answered 410 ``cursor_expired``: the disputed seqs are gone from
+        the server too, and so may be the ones after our prefix."""
+        self._fetching = False
+        if error.oldest_seq is None or error.latest_seq is None:
+            return []
+        return self._expired(error.oldest_seq, error.latest_seq, now)
+
     # ---------------------------------------------------------------- origin
 
     def _verified(self, topic: str, payload: bytes) -> bytes | None:
@@ -542,6 +558,33 @@ class ClientMachine:
             actions += self._request_sync(link, now)
         return actions
 
+    def _expired(self, oldest_seq: int, latest_seq: int, now: float) -> list[Action]:
+        """Retention deleted events after our prefix: reset to ``oldest_seq - 1``, say so in
+        the stream, and read on. An answer about a gap already passed (to a sync asked before
+        the reset, or a catch-up from the server's cursor, which only our ack moves) only makes
+        sure that a sync from past the gap is under way. Such a sync cannot be answered
+        ``cursor_expired`` with the same ``oldest_seq``, and each answer asks for at most one
+        sync: no loop."""
+        self.cursor_expired += 1
+        point = oldest_seq - 1
+        previous = self.sequencer.contiguous
+        actions: list[Action] = []
+        if point > previous:
+            log.warning("the server deleted seqs %d to %d of %s's stream (retention): reading on from %d",
+                        previous + 1, point, self.user_id, oldest_seq)  # fmt: skip
+            self.sequencer.reset(point)
+            self.sequencer.note_head(latest_seq)
+            self._disputed = {seq for seq in self._disputed if seq > point}
+            gap = HistoryGap(self.user_id, previous, oldest_seq, latest_seq)
+            actions.append(Deliver((gap, *self.sequencer.release())))
+        link = self._link
+        if link is None:
+            return actions
+        link.catch_up_running = False  # an expired catch-up sends no page
+        if link.syncing and link.sync_from >= point:
+            return actions  # its answer is on the way (or the watchdog asks again)
+        return actions + self._request_sync(link, now)
+
     # ----------------------------------------------------------- cursor, acks
 
     def _schedule_ack(self, now: float) -> None:
@@ -594,6 +637,8 @@ class ClientMachine:
 
     def _refused(self, event: ErrorEvent, now: float) -> list[Action]:
         ref = event.ref
+        if event.code == CursorExpired.code and event.oldest_seq is not None and event.latest_seq is not None:
+            return self._expired(event.oldest_seq, event.latest_seq, now)
         error = chat_error(event.code, event.message, ref, retry_after=event.retry_after)
         if ref is None or ref not in self._outbox:
             return [ReportError(error)]

@@ -40,6 +40,23 @@ class StreamSequencer:
     def note_head(self, latest_seq: int) -> None:
         self._head = max(self._head, latest_seq)
 
+    def reset(self, contiguous: int) -> None:
+        """Jump the prefix forward to ``contiguous`` (the server deleted what lay before it):
+        held events at or below it are dropped, those after it may now be released by ``offer``."""
+        if contiguous <= self._contiguous:
+            return
+        self._contiguous = contiguous
+        self._head = max(self._head, contiguous)
+        self._held = {seq: event for seq, event in self._held.items() if seq > contiguous}
+
+    def release(self) -> list[AnyStreamEvent]:
+        """The held events that now follow the prefix without a hole, in order."""
+        ready: list[AnyStreamEvent] = []
+        while self._contiguous + 1 in self._held:
+            self._contiguous += 1
+            ready.append(self._held.pop(self._contiguous))
+        return ready
+
     def discard(self, seq: int) -> bool:
         """Forget a held event (one found not to be trustworthy): its seq is a hole again."""
         return self._held.pop(seq, None) is not None
@@ -51,8 +68,4 @@ class StreamSequencer:
         if seq <= self._contiguous or seq in self._held:
             return []
         self._held[seq] = event
-        ready: list[AnyStreamEvent] = []
-        while self._contiguous + 1 in self._held:
-            self._contiguous += 1
-            ready.append(self._held.pop(self._contiguous))
-        return ready
+        return self.release()

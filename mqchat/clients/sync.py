@@ -15,9 +15,10 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from mqchat.clients.client import ChatClient
+from mqchat.clients.gaps import StreamItem
 from mqchat.clients.http import Conversation
 from mqchat.clients.store import OutboxEntry
-from mqchat.core.protocol import AnyStreamEvent, Attachment, MessageAck, MsgType, TypingEvent
+from mqchat.core.protocol import Attachment, MessageAck, MsgType, TypingEvent
 
 T = TypeVar("T")
 
@@ -129,16 +130,17 @@ class SyncChatClient:
     ) -> Path:
         return self._call(self.client.save_attachment(attachment, directory), timeout)
 
-    def next_event(self, timeout: float | None = None) -> AnyStreamEvent | None:
-        """The next stream event, or None when none came within ``timeout`` seconds or the
-        client was closed. Taking an event marks the previous one processed (see ``events()``)."""
+    def next_event(self, timeout: float | None = None) -> StreamItem | None:
+        """The next stream event (or ``HistoryGap``), or None when none came within ``timeout``
+        seconds or the client was closed. Taking an event marks the previous one processed (see
+        ``events()``)."""
         try:
-            event: AnyStreamEvent = self._call(self._events.__anext__(), timeout)
+            event: StreamItem = self._call(self._events.__anext__(), timeout)
         except (TimeoutError, StopAsyncIteration):
             return None
         return event
 
-    def iter_events(self, timeout: float | None = None) -> Iterator[AnyStreamEvent]:
+    def iter_events(self, timeout: float | None = None) -> Iterator[StreamItem]:
         """Events until none arrives for ``timeout`` seconds (forever with None)."""
         while (event := self.next_event(timeout)) is not None:
             yield event

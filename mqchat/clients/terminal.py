@@ -38,10 +38,10 @@ from typing import Any, TextIO
 
 from mqchat.clients.client import ChatClient
 from mqchat.clients.errors import ApiUnavailable, ClientError, LoginFailed
+from mqchat.clients.gaps import HistoryGap, StreamItem
 from mqchat.clients.http import HttpApi
 from mqchat.core.errors import ChatError
 from mqchat.core.protocol import (
-    AnyStreamEvent,
     Attachment,
     GroupUpdated,
     MessageDelivered,
@@ -469,8 +469,10 @@ class TerminalChat:
         size = f"{attachment.width}x{attachment.height}, " if attachment.width is not None else ""
         return f"({kind} {attachment.name}, {size}{_size(attachment.size)}: /save {len(self.files)})"
 
-    async def describe(self, event: AnyStreamEvent | TypingEvent) -> str | None:
+    async def describe(self, event: StreamItem | TypingEvent) -> str | None:
         me = self.client.user_id
+        if isinstance(event, HistoryGap):
+            return "  (older messages are no longer available on the server)"
         if isinstance(event, NewMessage):
             conversation = self.conversation_of(event)
             if event.group_id is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mqchat.clients import Backoff
+from mqchat.clients import Backoff, HistoryGap
 from mqchat.clients.machine import (
     Action,
     ClientMachine,
@@ -29,7 +29,7 @@ from mqchat.clients.machine import (
     SendEntry,
 )
 from mqchat.clients.store import OutboxEntry
-from mqchat.core.errors import InvalidCommand, NotAMember, RateLimited, UnknownRecipient
+from mqchat.core.errors import CursorExpired, InvalidCommand, NotAMember, RateLimited, UnknownRecipient
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.origin import event_key, sign
 from mqchat.core.protocol import (
@@ -393,3 +393,94 @@ def test_a_recall_is_not_a_dispute() -> None:
     tombstone = message(1).model_copy(update={"content": None, "recalled_at": "2026-01-01T00:01:00.000Z"})
     assert on_stream(m, tombstone) == [] and m.disputed == set()
     assert on_stream(m, GroupUpdated(seq=2, group_id="g1", action="created", user_id="bob", by="bob"))
+
+
+# ------------------------------------------------------------------ retention
+
+
+def expired(oldest: int, latest: int) -> ErrorEvent:
+    message = f"deleted up to {oldest - 1}: reset, then read from since_seq {oldest - 1}"
+    return ErrorEvent(code="cursor_expired", message=message, oldest_seq=oldest, latest_seq=latest)
+
+
+def gaps(actions: list[Action]) -> list[HistoryGap]:
+    return [e for a in actions if isinstance(a, Deliver) for e in a.events if isinstance(e, HistoryGap)]
+
+
+def test_an_expired_catch_up_resets_to_oldest_minus_one_says_so_and_reads_on() -> None:
+    m = make(cursor=3)
+    m.connection_made(T0)
+    actions = on_device(m, expired(11, 15))
+    assert gaps(actions) == [HistoryGap("alice", previous_cursor=3, oldest_seq=11, latest_seq=15)]
+    assert gaps(actions)[0].seq == 10 and list(gaps(actions)[0].missing) == list(range(4, 11))
+    assert syncs(actions) == [10] and m.cursor_expired == 1
+    # The answer to our sync pages like any other, and the application gets the kept events.
+    first = on_device(m, page(11, 12, latest=15, more=True), T0 + 1)
+    assert delivered(first) == [11, 12] and syncs(first) == [12]
+    last = on_device(m, page(13, 14, 15, latest=15), T0 + 2)
+    assert delivered(last) == [13, 14, 15] and syncs(last) == []
+    # Taking the gap moves the cursor past it: that ack is what ends the server's refusals.
+    m.taken(10)
+    m.commit(T0 + 3)
+    assert m.tick(T0 + 3 + ACK_INTERVAL) == [PersistCursor(10), SendAck(10)]
+
+
+def test_the_same_cursor_expired_again_does_not_spin_nor_announce_the_gap_twice() -> None:
+    m = make(cursor=3)
+    m.connection_made(T0)
+    assert syncs(on_device(m, expired(11, 15))) == [10]
+    # The answer to a sync asked before the reset, or a duplicate: our sync from 10 is on its way.
+    for _ in range(20):
+        assert on_device(m, expired(11, 15), T0 + 0.5) == []
+    assert delivered(on_device(m, page(11, 12, 13, 14, 15, latest=15), T0 + 1)) == [11, 12, 13, 14, 15]
+    # Once that is answered, another stale one asks once from where we are, never from before the gap.
+    assert syncs(on_device(m, expired(11, 15), T0 + 2)) == [15]
+    assert all(on_device(m, expired(11, 15), T0 + 2) == [] for _ in range(20))
+    assert m.cursor_expired == 42
+
+
+def test_a_reconnect_before_the_gap_was_taken_gets_it_again_from_the_server_but_not_the_application() -> None:
+    m = make(cursor=3)
+    m.connection_made(T0)
+    on_device(m, expired(11, 12))
+    on_device(m, page(11, 12, latest=12), T0 + 1)
+    m.connection_lost()
+    m.connection_made(T0 + 5)  # the server's cursor is still 3: its catch-up is refused again
+    again = on_device(m, expired(11, 13), T0 + 5)
+    assert gaps(again) == [] and delivered(again) == [] and syncs(again) == [12]
+    assert delivered(on_device(m, page(13, latest=13), T0 + 6)) == [13]
+
+
+def test_held_events_after_the_gap_are_released_and_those_inside_it_dropped() -> None:
+    m = settled(make(cursor=3))
+    on_stream(m, message(6))  # inside what the server deleted
+    on_stream(m, message(11))  # kept
+    on_stream(m, message(13))
+    actions = on_device(m, expired(11, 13))
+    assert delivered(actions) == [10, 11] and syncs(actions) == [11]  # 10: the gap itself
+    assert delivered(on_device(m, page(12, 13, latest=13))) == [12, 13]
+
+
+def test_a_stream_with_nothing_kept_resets_to_its_head() -> None:
+    m = make(cursor=3)
+    m.connection_made(T0)
+    actions = on_device(m, expired(9, 8))
+    assert gaps(actions) == [HistoryGap("alice", 3, 9, 8)] and syncs(actions) == [8]
+    assert on_device(m, page(latest=8), T0 + 1) == []
+    assert on_stream(m, message(9)) == [Deliver((message(9),))]  # live again
+
+
+def test_a_later_retention_pass_is_a_new_gap() -> None:
+    m = make(cursor=3)
+    m.connection_made(T0)
+    on_device(m, expired(11, 20))
+    on_device(m, page(11, 12, latest=20, more=True), T0 + 1)  # then more went before 13 was read
+    actions = on_device(m, expired(16, 20), T0 + 2)
+    assert gaps(actions) == [HistoryGap("alice", 12, 16, 20)] and syncs(actions) == [15]
+
+
+def test_an_http_sync_answered_cursor_expired_resets_too() -> None:
+    m = settled(make(cursor=3))
+    error = CursorExpired("gone", oldest_seq=11, latest_seq=12)
+    actions = m.http_sync_expired(error, T0)
+    assert gaps(actions) == [HistoryGap("alice", 3, 11, 12)] and syncs(actions) == [10]

@@ -80,6 +80,10 @@ const state = {
   catchingUp: false, // the server's catch-up pages after a SUBSCRIBE are still coming
   firstPage: false, // the next sync_response is the first catch-up page of this connection
   syncing: false, // a sync_messages of ours is unanswered
+  syncFrom: 0, // the since_seq of the last sync_messages we sent
+  gap: null, // {previous_cursor, oldest_seq, at}: retention deleted events this device had not read
+  expired: 0, // cursor_expired refusals received (each asks for at most one sync)
+  resyncOnSubscribed: false, // a refusal came before our SUBACK: sync and ack once subscribed
   conversations: [], // from GET /v1/conversations, with placeholders for new chats
   groups: new Map(), // group_id -> group (for names and members)
   open: null, // the conversation id shown
@@ -187,7 +191,10 @@ const FRIENDLY = {
   unknown_file: () => "That file is no longer available.",
   payload_too_large: () => "That message is too long.",
   registration_closed: () => "Registration is closed on this server.",
+  cursor_expired: () => OLDER_GONE,
 };
+
+const OLDER_GONE = "Older messages are no longer available on the server.";
 
 function friendly(error) {
   const say = FRIENDLY[error.code];
@@ -262,6 +269,7 @@ async function start(user, token, eventKey) {
   Object.assign(state, { user, token });
   await useEventKey(eventKey);
   state.cursor = saved.get(key("cursor"), 0);
+  state.gap = saved.get(key("gap"), null);
   state.outbox = saved.get(key("outbox"), []);
   $("login").hidden = true;
   $("chat").hidden = false;
@@ -332,7 +340,7 @@ function connect() {
 }
 
 function onConnect(client) {
-  Object.assign(state, { catchingUp: true, firstPage: true, syncing: false, acked: 0 });
+  Object.assign(state, { catchingUp: true, firstPage: true, syncing: false, acked: 0, resyncOnSubscribed: false });
   const topics = { [streamTopic()]: { qos: 1 }, [deviceTopic()]: { qos: 1 } };
   client.subscribe(topics, (error, granted) => {
     if (error || granted.some((g) => g.qos === 128)) {
@@ -341,6 +349,12 @@ function onConnect(client) {
     }
     state.ready = true;
     setStatus("online");
+    if (state.resyncOnSubscribed) {
+      state.resyncOnSubscribed = false;
+      state.syncing = false;
+      requestSync();
+      sendAck();
+    }
     if (state.watched.length) client.subscribe(state.watched, { qos: 0 });
     if (state.acked > 0 || state.cursor > 0) refreshInBackground(); // what changed while away
     flushOutbox();
@@ -469,8 +483,50 @@ function onSyncResponse(page) {
 function requestSync() {
   if (state.syncing || !state.ready) return;
   state.syncing = true;
+  state.syncFrom = state.cursor;
   publish({ type: "sync_messages", since_seq: state.cursor, limit: 200 });
   later("sync-timeout", 10000, () => { state.syncing = false; });
+}
+
+/**
+ * Retention deleted events after our cursor (protocol.md, "cursor_expired: resetting a device"):
+ * read on from oldest_seq - 1, ack that at once (so the server's catch-ups work again), rebuild
+ * the open conversation from the server's history, and say in it that older messages are gone.
+ * A refusal about a gap already passed (the catch-up from the server's cursor before our ack
+ * reached it, or the answer to a sync asked before the reset) only makes sure that a sync from
+ * past the gap is under way; such a sync is never refused with the same oldest_seq: no loop.
+ */
+function onCursorExpired(error) {
+  state.expired += 1;
+  const point = error.oldest_seq - 1;
+  state.catchingUp = false; // a refused catch-up sends no page
+  state.firstPage = false;
+  if (point > state.cursor) {
+    console.info(`mqchat: seqs ${state.cursor + 1} to ${point} were deleted by the server (retention); reading on from ${error.oldest_seq}`);
+    state.gap = { previous_cursor: state.cursor, oldest_seq: error.oldest_seq, at: new Date().toISOString() };
+    saved.set(key("gap"), state.gap);
+    state.cursor = point;
+    saved.set(key("cursor"), point);
+    for (const seq of state.held.keys()) if (seq <= point) state.held.delete(seq);
+    state.syncing = false;
+    later("ack", 0, sendAck);
+    receive([]); // events held after the gap may follow on now
+    if (state.open) openConversation(state.open);
+    refreshInBackground();
+  } else if (state.syncing && state.syncFrom >= point) {
+    return; // its answer is on the way
+  } else {
+    state.syncing = false;
+  }
+  if (!state.ready) state.resyncOnSubscribed = true; // nothing can be published before the SUBACK
+  requestSync();
+}
+
+/** Whether to say above a conversation's first message that what came before it is gone: this
+ * device was told of a gap and the conversation began before that. (The server's clock against
+ * the browser's: only a conversation begun within their skew of the reset could be misjudged.) */
+function olderGone(stored) {
+  return state.gap !== null && stored.length > 0 && Date.parse(stored[0].created_at) < Date.parse(state.gap.at);
 }
 
 function sendAck() {
@@ -626,6 +682,7 @@ function onMessageAck(ack) {
 }
 
 function onErrorEvent(error) {
+  if (error.code === "cursor_expired" && typeof error.oldest_seq === "number") return onCursorExpired(error);
   const entry = error.ref && state.outbox.find((e) => e.client_msg_id === error.ref);
   if (entry && RETRYABLE.has(error.code)) {
     entry.retry_at = Date.now() + 1000 * (error.retry_after ?? 2);
@@ -1045,6 +1102,8 @@ function renderMessages() {
     const more = el("li", { className: "older" }, el("button", { type: "button", className: "link", testid: "load-older", textContent: "Earlier messages" }));
     more.firstChild.addEventListener("click", loadOlder);
     items.push(more);
+  } else if (olderGone(stored)) {
+    items.push(el("li", { className: "gap", testid: "history-gap", textContent: OLDER_GONE }));
   }
   let lastDay = null;
   let lastFrom = null;
