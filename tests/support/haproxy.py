@@ -98,6 +98,10 @@ class HAProxyProcess:
                     return loop.time() - started
                 await asyncio.sleep(0.1)
 
+    def watch_status(self, server: str, status: str, timeout: float = 30) -> asyncio.Task[float]:
+        """``wait_status`` started now, in the background: the seconds from now to ``status``."""
+        return asyncio.create_task(self.wait_status(server, status, timeout))
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
