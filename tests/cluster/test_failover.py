@@ -8,12 +8,15 @@ received a message sent after the fault (so it is connected to a live node again
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.support import postgres
@@ -25,6 +28,7 @@ from tests.support.sdk_traffic import (
     Traffic,
     check_counts,
     create_group,
+    libpq,
     placement,
     recovery_time,
     register,
@@ -39,6 +43,8 @@ GROUP = USERS[:8]
 SEND_INTERVAL = 2.0
 """Seconds between one device's sends: ~15 messages/s for the cluster, a modest chat load on a
 machine shared with other test runs."""
+IDLE_TIMEOUT = 3.0
+"""``idle_in_transaction_timeout_seconds`` in the frozen-transaction test."""
 RECOVERY_LIMIT = 30.0
 """The issue's goal for now; the aim is 5 s (the numbers go into docs/scaling.md)."""
 
@@ -61,11 +67,19 @@ async def database() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, database: str) -> AsyncIterator[Cluster]:
+def idle_timeout() -> float | None:
+    """``database.idle_in_transaction_timeout_seconds`` of the nodes (None: the default)."""
+    return None
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, database: str, idle_timeout: float | None) -> AsyncIterator[Cluster]:
     redis_server = RedisProcess(tmp_path / "redis")
     await redis_server.start()
     # All accounts come from one address (the test, through HAProxy).
     env = {"MQCHAT_AUTH__REGISTRATIONS_PER_IP_PER_HOUR": "1000"}
+    if idle_timeout is not None:
+        env["MQCHAT_DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_SECONDS"] = str(idle_timeout)
     servers = [node(tmp_path, name, database, redis_server.url, env) for name in ("n1", "n2", "n3")]
     try:
         async with running(servers) as started:
@@ -91,6 +105,7 @@ async def traffic(cluster: Cluster, tmp_path: Path) -> AsyncIterator[Traffic]:
     devices = [sdk_device(u, "phone", tokens[u], **ports) for u in USERS]
     devices += [sdk_device(u, "laptop", tokens[u], **ports) for u in TWO_DEVICES]
     running_traffic = Traffic(devices, group, set(GROUP), SEND_INTERVAL)
+    running_traffic.tokens = tokens
     try:
         await running_traffic.start()
         yield running_traffic
@@ -151,6 +166,112 @@ async def test_a_frozen_node_is_taken_out_and_rejoins_and_nothing_is_lost(cluste
     await asyncio.sleep(3)
     print(await check_counts(cluster.database, traffic.devices, acks))
     assert recovery < RECOVERY_LIMIT
+
+
+@pytest.mark.parametrize("idle_timeout", [IDLE_TIMEOUT])
+async def test_a_node_frozen_inside_a_transaction_does_not_block_the_streams_it_locked(
+    cluster: Cluster, traffic: Traffic, idle_timeout: float
+) -> None:
+    await asyncio.sleep(5)
+    victim, _ = await victim_and_its_devices(cluster, traffic)
+    conn = await asyncpg.connect(libpq(cluster.database))
+    try:
+        locked, tries = await freeze_inside_a_transaction(victim, conn)
+        frozen_at = asyncio.get_running_loop().time()
+        print(f"{_name(victim)} frozen holding the stream heads of {sorted(locked)} (try {tries})")
+        try:
+            # Another node stores a message for every user whose stream head is locked: by the
+            # frozen node, or by another node's transaction waiting behind it.
+            survivor = next(n for n in cluster.nodes if n is not victim)
+            sender = next(u for u in USERS if u not in locked)
+            token = traffic.tokens[sender]
+            probes = [send_until_stored(survivor, token, user, timeout=60) for user in sorted(locked)]
+            answers = await asyncio.gather(*probes)
+            stored = max(seconds for seconds, _ in answers)
+            probe_acks = {(sender, ack["client_msg_id"]): ack["server_msg_id"] for _, ack in answers}
+            print(
+                f"sends to the locked streams through another node were all stored {stored:.1f} s after the"
+                f" freeze (idle_in_transaction_timeout {idle_timeout:g} s)"
+            )
+            await session_ended(conn, f"mqchat:{_name(victim)}", timeout=idle_timeout + 10)
+            ended = asyncio.get_running_loop().time() - frozen_at
+            print(f"PostgreSQL had ended the frozen node's write transaction by {ended:.1f} s after the freeze")
+            acks = await traffic.stop_sending_and_drain(timeout=120)
+        finally:
+            victim.signal(signal.SIGCONT)
+    finally:
+        await conn.close()
+    await _healthy_within(victim, 60)
+    await cluster.proxy.wait_status(_name(victim), "UP", timeout=60)
+    await asyncio.sleep(3)
+    print(await check_counts(cluster.database, traffic.devices, acks, probe_acks))
+    # The locks go when PostgreSQL ends the idle session; a send waiting on one fails at the
+    # statement timeout (5 s) and is retried. Without the timeout they are stored only after
+    # SIGCONT (tried: none within 60 s).
+    assert stored < idle_timeout + 5 + 5, stored
+
+
+async def freeze_inside_a_transaction(server: ServerProcess, conn: asyncpg.Connection) -> tuple[set[str], int]:
+    """SIGSTOP ``server`` at a moment when one of its PostgreSQL sessions is inside a write
+    transaction holding row locks on stream heads (``users`` rows); retried until it is
+    (the node is busy with the traffic, so that is a question of a few tries). The locked users."""
+    name = f"mqchat:{_name(server)}"
+    rng = random.Random(0)
+    for attempt in range(1, 400):
+        server.signal(signal.SIGSTOP)
+        await asyncio.sleep(0.05)  # a statement already sent finishes; the session then waits
+        idle_in_write = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND state = 'idle in transaction' AND backend_xid IS NOT NULL",
+            name,
+        )
+        if idle_in_write:
+            locked = await locked_users(conn)
+            if locked:
+                return locked, attempt
+        server.signal(signal.SIGCONT)
+        await asyncio.sleep(rng.uniform(0.02, 0.3))
+    raise AssertionError(f"{name} was never caught inside a write transaction")
+
+
+async def locked_users(conn: asyncpg.Connection) -> set[str]:
+    """Users whose row (their stream's head) another session holds locked now."""
+    async with conn.transaction():
+        every = {r["user_id"] for r in await conn.fetch("SELECT user_id FROM users")}
+        free = {r["user_id"] for r in await conn.fetch("SELECT user_id FROM users FOR UPDATE SKIP LOCKED")}
+    return every - free  # the transaction only took locks it could; committing it changes nothing
+
+
+async def send_until_stored(
+    server: ServerProcess, token: str, to_user: str, timeout: float
+) -> tuple[float, dict[str, Any]]:
+    """POST one message (retried with the same client_msg_id while the node answers 503): the
+    seconds until it is stored, and its ack."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    body = {"client_msg_id": f"probe-{to_user}", "to_user": to_user, "content": "through the lock"}
+    async with asyncio.timeout(timeout), server.http(token) as http:
+        while True:
+            answer = await http.post("/v1/messages", json=body, timeout=30)
+            if answer.status_code in (200, 201):
+                return loop.time() - started, answer.json()
+            assert answer.status_code == 503, answer.text
+            await asyncio.sleep(0.2)
+
+
+async def session_ended(conn: asyncpg.Connection, application_name: str, timeout: float) -> float:
+    """Seconds until no session of ``application_name`` is inside a write transaction."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(int(timeout / 0.2)):
+        open_writes = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND backend_xid IS NOT NULL",
+            application_name,
+        )
+        if not open_writes:
+            return loop.time() - started
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{application_name} still holds a write transaction after {timeout:g} s")
 
 
 async def _healthy_within(server: ServerProcess, timeout: float) -> float:

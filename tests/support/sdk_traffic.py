@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 from collections import Counter
@@ -44,6 +45,8 @@ class SdkDevice:
     received: list[tuple[float, float]] = field(default_factory=list)
     """``(sent at, received at)`` of every ``new_message`` this device took, on the test's clock."""
     acks: list[MessageAck] = field(default_factory=list)
+    ack_times: list[tuple[float, float]] = field(default_factory=list)
+    """``(sent at, acked at)`` of every acknowledged send."""
     failures: list[BaseException] = field(default_factory=list)
 
     @property
@@ -53,6 +56,11 @@ class SdkDevice:
     def first_received_sent_after(self, instant: float) -> float | None:
         """When this device first received a message sent after ``instant`` (None: not yet)."""
         times = [received for sent, received in self.received if sent > instant]
+        return min(times) if times else None
+
+    def first_ack_of_send_after(self, instant: float) -> float | None:
+        """When a send this device made after ``instant`` was first acknowledged (None: not yet)."""
+        times = [acked for sent, acked in self.ack_times if sent > instant]
         return min(times) if times else None
 
 
@@ -98,6 +106,8 @@ class Traffic:
         self.members = members
         self.interval = interval
         self.users = sorted({d.user_id for d in devices})
+        self.tokens: dict[str, str] = {}
+        """Access tokens by user, for the test's own HTTP requests."""
         self._sending = True
         self._tasks: list[asyncio.Task[None]] = []
         self._sends: list[asyncio.Task[MessageAck]] = []
@@ -133,7 +143,7 @@ class Traffic:
             else:
                 send = device.client.send(others[n % len(others)], content)
             task = asyncio.create_task(send)
-            task.add_done_callback(lambda t, d=device: _record(d, t))  # type: ignore[misc]
+            task.add_done_callback(functools.partial(_record, device, sent_at=loop.time()))
             self._sends.append(task)
             await asyncio.sleep(rng.uniform(0.5, 1.5) * self.interval)
 
@@ -160,13 +170,14 @@ class Traffic:
         await asyncio.gather(*self._tasks, *self._sends, return_exceptions=True)
 
 
-def _record(device: SdkDevice, task: asyncio.Task[MessageAck]) -> None:
+def _record(device: SdkDevice, task: asyncio.Task[MessageAck], *, sent_at: float) -> None:
     if task.cancelled():
         return
     if (error := task.exception()) is not None:
         device.failures.append(error)
     else:
         device.acks.append(task.result())
+        device.ack_times.append((sent_at, asyncio.get_running_loop().time()))
 
 
 async def placement(redis_url: str, devices: Sequence[SdkDevice]) -> dict[SdkDevice, str]:
@@ -198,8 +209,14 @@ def libpq(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://")
 
 
-async def check_counts(database_url: str, devices: Sequence[SdkDevice], acks: Sequence[MessageAck]) -> str:
-    """The counts of the module docstring; a one-line summary."""
+async def check_counts(
+    database_url: str,
+    devices: Sequence[SdkDevice],
+    acks: Sequence[MessageAck],
+    also_acked: dict[tuple[str, str], int] | None = None,
+) -> str:
+    """The counts of the module docstring; a one-line summary. ``also_acked``: messages the
+    test sent itself, ``(sender, client_msg_id) -> server_msg_id``."""
     lagging = await _settle(database_url, devices)
     assert not lagging, f"devices never reached their stream's head: {lagging}"
     conn = await asyncpg.connect(libpq(database_url))
@@ -223,6 +240,7 @@ async def check_counts(database_url: str, devices: Sequence[SdkDevice], acks: Se
         for ack in device.acks:
             by_sender[(device.user_id, ack.client_msg_id)] = ack.server_msg_id
     assert len(by_sender) == len(acks), "an ack came twice for one client_msg_id"
+    by_sender |= also_acked or {}
     missing = [k for k in by_sender if k not in stored]
     assert not missing, f"{len(missing)} acked messages are not stored: {missing[:5]}"
     wrong = [k for k, msg_id in by_sender.items() if stored[k] != msg_id]
