@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
+from mqchat.clients import ChatClient
+from mqchat.core.protocol import NewMessage
 from tests.support import postgres
 from tests.support.cluster import RedisProcess, node, running
 from tests.support.haproxy import HAProxyProcess
@@ -287,3 +290,31 @@ async def _healthy_within(server: ServerProcess, timeout: float) -> float:
 
 def _name(server: ServerProcess) -> str:
     return server.args[server.args.index("--node-id") + 1]
+
+
+async def test_every_frontend_of_the_shipped_config_reaches_the_nodes(cluster: Cluster, tmp_path: Path) -> None:
+    """MQTT over WebSocket and HTTP through HAProxy too (the traffic above is MQTT over TCP)."""
+    http_url = f"http://127.0.0.1:{cluster.proxy.http_port}"
+    tokens = await register(http_url, ["wsa", "wsb"])
+    clients = [
+        ChatClient(
+            user,
+            token=tokens[user],
+            host="127.0.0.1",
+            mqtt_port=cluster.proxy.ws_port,
+            http_port=cluster.proxy.http_port,
+            transport="websockets",
+            store_path=tmp_path / f"{user}.sqlite3",
+        )
+        for user in ("wsa", "wsb")
+    ]
+    async with clients[0] as wsa, clients[1] as wsb:
+        async with asyncio.timeout(30):
+            await asyncio.gather(wsa.wait_connected(), wsb.wait_connected())
+            ack = await wsa.send("wsb", "over websocket, through haproxy")
+            event = await anext(aiter(wsb.events()))
+        assert isinstance(event, NewMessage) and event.server_msg_id == ack.server_msg_id
+    async with httpx.AsyncClient(base_url=http_url, headers={"Authorization": f"Bearer {tokens['wsb']}"}) as http:
+        history = await http.get("/v1/sync", params={"since_seq": 0})
+        assert history.status_code == 200, history.text
+        assert [e.get("content") for e in history.json()["events"]] == ["over websocket, through haproxy"]
