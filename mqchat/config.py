@@ -188,6 +188,13 @@ class DatabaseSettings(_Section):
     wait for an answer (client side, one second more): a silent database fails sends with
     ``storage_unavailable`` within this instead of holding them for the whole outage.
     Migrations are exempt."""
+    idle_in_transaction_timeout_seconds: float = Field(default=5, ge=0, le=3600)
+    """PostgreSQL: the server ends a session whose open transaction has waited this long for
+    its next statement (``idle_in_transaction_session_timeout``), releasing its row locks. A
+    node frozen mid-transaction (SIGSTOP, a paused VM) otherwise holds the locks on the stream
+    heads it touched, and every other node's sends to those streams fail until it wakes (seen
+    in tests/cluster/test_failover.py: none stored within 60 s). mqchat's own transactions never
+    wait between statements, so only a stalled process hits it. 0: never."""
     health_timeout_seconds: float = Field(default=2, gt=0, le=60)
     """``/healthz`` answers 503 when the health write (one tiny transaction) takes longer."""
 

@@ -85,7 +85,12 @@ async def build_services(settings: Settings, *, serving: bool = False) -> AsyncI
 async def _services(settings: Settings, url: str, *, serving: bool) -> AsyncIterator[Services]:
     node_id = settings.resolved_node_id()
     metrics = Metrics(node_id)
-    sql = SqlStore.from_url(url, statement_timeout=settings.database.statement_timeout_seconds)
+    sql = SqlStore.from_url(
+        url,
+        statement_timeout=settings.database.statement_timeout_seconds,
+        idle_in_transaction_timeout=settings.database.idle_in_transaction_timeout_seconds,
+        node_id=node_id,
+    )
     store: MessageStore = sql
     cluster = None
     if settings.redis_url:

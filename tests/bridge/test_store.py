@@ -10,6 +10,8 @@ import asyncio
 import random
 from collections import Counter
 
+from sqlalchemy import Connection, text
+
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.store import SendOutcome, SendRequest
 
@@ -120,5 +122,21 @@ async def test_an_in_memory_sqlite_database_works_as_one() -> None:
         assert [e.seq for e in (await store.read_from_cursor("ben", "phone", 10)).events] == [1]
         _, receipts = await store.advance_cursor("ben", "phone", 1)
         assert [user for user, _ in receipts] == ["ann"]
+    finally:
+        await store.close()
+
+
+async def test_postgres_sessions_carry_the_idle_transaction_timeout_and_the_node(database_url: str) -> None:
+    if database_url.startswith("sqlite"):
+        return  # PostgreSQL settings; SQLite has no sessions to name
+    store = SqlStore.from_url(database_url, idle_in_transaction_timeout=2.5, node_id="n7")
+    try:
+
+        def session(conn: Connection) -> tuple[str, str]:
+            timeout = conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one()
+            name = conn.execute(text("SHOW application_name")).scalar_one()
+            return str(timeout), str(name)
+
+        assert await store.db.run("show", session) == ("2500ms", "mqchat:n7")
     finally:
         await store.close()

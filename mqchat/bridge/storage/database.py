@@ -102,13 +102,22 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def open_database(url: str, *, statement_timeout: float = 5.0) -> Database:
+def open_database(
+    url: str, *, statement_timeout: float = 5.0, idle_in_transaction_timeout: float = 0.0, node_id: str | None = None
+) -> Database:
     """SQLite or PostgreSQL, by URL (``sqlite+aiosqlite:///path`` and ``sqlite:///path`` alike).
 
-    ``statement_timeout`` (seconds) bounds every PostgreSQL statement but the migrations'."""
+    PostgreSQL only: ``statement_timeout`` (seconds) bounds every statement but the migrations';
+    ``idle_in_transaction_timeout`` (seconds, 0: none) ends a session whose transaction waits that
+    long for its next statement; ``node_id`` names the connections (``application_name``)."""
     if is_sqlite(url):
         return SqliteDatabase(url)
-    return PostgresDatabase(url, statement_timeout=statement_timeout)
+    return PostgresDatabase(
+        url,
+        statement_timeout=statement_timeout,
+        idle_in_transaction_timeout=idle_in_transaction_timeout,
+        node_id=node_id,
+    )
 
 
 # --------------------------------------------------------------------- SQLite
@@ -267,10 +276,33 @@ class PostgresDatabase(Database):
     later on an answer that does not come at all (a silent network or server), and on a
     connection attempt likewise. Without these a partition held every send for as long as
     it lasted. Migrations run on connections of their own without either bound: a long
-    ``ALTER`` or waiting for another node's migration lock is expected there."""
+    ``ALTER`` or waiting for another node's migration lock is expected there.
 
-    def __init__(self, url: str, *, statement_timeout: float = 5.0) -> None:
+    A process that stops between two statements of a transaction (frozen: SIGSTOP, a paused
+    VM, a stop-the-world stall) keeps its row locks on the stream heads it wrote, and every
+    other node's send to those streams waits on them, then fails at ``statement_timeout``,
+    again and again, until it wakes up: PostgreSQL cannot tell a frozen client from a slow
+    one. ``idle_in_transaction_timeout`` makes the server end such a session (and roll its
+    transaction back) instead. The connections carry ``application_name`` ``mqchat:{node}``,
+    so ``pg_stat_activity`` shows which node holds what."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        statement_timeout: float = 5.0,
+        idle_in_transaction_timeout: float = 0.0,
+        node_id: str | None = None,
+    ) -> None:
         client_timeout = statement_timeout + 1
+        settings = {
+            "statement_timeout": _ms(statement_timeout),
+            "idle_in_transaction_session_timeout": _ms(idle_in_transaction_timeout)
+            if idle_in_transaction_timeout
+            else "0",
+            # PostgreSQL keeps 63 bytes of it.
+            "application_name": f"mqchat:{node_id}" if node_id else "mqchat",
+        }
         self.engine: AsyncEngine = create_async_engine(
             url,
             pool_size=10,
@@ -280,7 +312,7 @@ class PostgresDatabase(Database):
             connect_args={
                 "timeout": client_timeout,  # connecting
                 "command_timeout": client_timeout,  # every statement's answer
-                "server_settings": {"statement_timeout": str(max(1, round(statement_timeout * 1000)))},
+                "server_settings": settings,
             },
         )
         self._schema_engine: AsyncEngine = create_async_engine(
@@ -300,6 +332,10 @@ class PostgresDatabase(Database):
     async def close(self) -> None:
         await self.engine.dispose()
         await self._schema_engine.dispose()
+
+
+def _ms(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
 
 
 def ping(conn: Connection) -> None:

@@ -33,8 +33,22 @@ class SqlStore(
     """``MessageStore`` on SQLite or PostgreSQL, picked by the URL."""
 
     @classmethod
-    def from_url(cls, url: str, *, statement_timeout: float = 5.0) -> SqlStore:
-        return cls(open_database(url, statement_timeout=statement_timeout))
+    def from_url(
+        cls,
+        url: str,
+        *,
+        statement_timeout: float = 5.0,
+        idle_in_transaction_timeout: float = 0.0,
+        node_id: str | None = None,
+    ) -> SqlStore:
+        return cls(
+            open_database(
+                url,
+                statement_timeout=statement_timeout,
+                idle_in_transaction_timeout=idle_in_transaction_timeout,
+                node_id=node_id,
+            )
+        )
 
     @property
     def database(self) -> Database:
