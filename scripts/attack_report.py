@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -317,6 +318,8 @@ async def send_messages(world: World, user: str, device: str, to_user: str, coun
                 body = command("send_message", client_msg_id=f"{device}-{i}", to_user=to_user, content=content)
                 await conn.send(Publish(f"chat/in/{user}/{device}", body, 1, packet_id=i % 65535 + 1).encode())
             await asyncio.wait_for(done.wait(), 300)
+        except ConnectionError:
+            answers["sender's connection lost"] += count - answers.total()
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, ConnectionError):
@@ -502,6 +505,34 @@ async def slow_reader(world: World, websocket: bool) -> str:
     )
 
 
+async def control_flood(world: World) -> str:
+    """The same flood to a device that reads and acknowledges: what the flood itself costs."""
+    total = world.n(15_000)
+    received = 0
+    lost = ""
+    async with link(world.port) as conn:
+        await conn.connect(Connect("reader:phone", True, 60, "reader", world.tokens["reader"].encode()))
+        await conn.send(Subscribe(1, (("chat/user/reader", 1),)).encode())
+
+        async def read() -> None:
+            nonlocal received
+            with contextlib.suppress(TimeoutError):
+                while (packet := await conn.packet(timeout=QUIET)) is not None:
+                    if isinstance(packet, Publish):
+                        received += event_type(packet.payload) == "new_message"
+                        if packet.qos:
+                            await conn.send(mqtt.puback(packet.packet_id or 0))
+                        if received >= total:
+                            return
+                nonlocal lost
+                lost = "; **the reader's connection was closed**"
+
+        reading = asyncio.create_task(read())
+        answers = await flood(world, flood_senders("readerf", total), "reader", total, 16_000)
+        await reading
+    return f"received {received:,} of {total:,} ({answers_text(answers)}){lost}"
+
+
 async def connacks(world: World, connects: list[Connect], concurrency: int = 8) -> Counter[str]:
     """Send each CONNECT on a connection of its own; count the CONNACK codes."""
     codes: Counter[str] = Counter()
@@ -624,23 +655,30 @@ async def offline_messages(world: World) -> str:
 
 
 async def qos2_unreleased(world: World) -> str:
-    """2,000 QoS 2 PUBLISHes of 60 KB on one connection, never PUBRELed."""
+    """2,000 QoS 2 PUBLISHes of 60 KB on one connection, never PUBRELed. Each waits for its
+    PUBREC (so that the count is exact: a reset would discard PUBRECs not yet read)."""
     token = world.tokens["qos2er"].encode()
     total = world.n(2_000)
-    written = 0
     pubrecs = 0
+    closed = False
     async with link(world.port) as conn:
         await conn.connect(Connect("qos2er:q", True, 30, "qos2er", token))
-        with contextlib.suppress(ConnectionError):
+        try:
             for i in range(total):
                 await conn.send(Publish("chat/in/qos2er/q", b"x" * 60_000, 2, packet_id=i % 65535 + 1).encode())
-                written += 1
-        with contextlib.suppress(TimeoutError):
-            while (packet := await conn.packet(timeout=QUIET)) is not None:
-                pubrecs += isinstance(packet, Pubrec)
-        closed = conn.reader.at_eof()
+                while not isinstance(packet := await conn.packet(timeout=QUIET), Pubrec):
+                    if packet is None:
+                        raise ConnectionResetError
+                pubrecs += 1
+            while await conn.packet(timeout=QUIET) is not None:  # all sent: is it closed now?
+                pass
+            closed = True
+        except ConnectionError:  # closed (a FIN) or reset
+            closed = True
+        except TimeoutError:
+            pass
     state = "closed" if closed else f"**still open** {QUIET:g} s after the last PUBLISH"
-    return f"{state} after {pubrecs} PUBRECs ({written:,} of {total:,} PUBLISHes written before the close)"
+    return f"{state}: PUBREC for the first {pubrecs:,} of {total:,}, none released"
 
 
 async def idle_http(world: World) -> str:
@@ -757,6 +795,13 @@ def attacks(scale: float) -> list[Attack]:
 
     return [
         Attack(
+            "control: the same 15,000 x 16 KB to a device that reads",
+            "(not measured)",
+            "-",
+            control_flood,
+            lambda w: ["reader", *flood_senders("readerf", n(15_000))],
+        ),
+        Attack(
             "slow reader, TCP, QoS 2: 15,000 x 16 KB",
             "91 -> 386 MB",
             "tests/security/test_exhaustion.py::test_a_reader_that_never_reads_is_closed_at_the_buffer_limit",
@@ -850,6 +895,7 @@ async def run_attack(world: World, innocent: Innocent, sampler: RssSampler, atta
         try:
             got = await attack.run(world)
         except Exception as exc:  # reported in the table: the run goes on with the next attack
+            traceback.print_exc()
             got = f"**the attack script failed: {type(exc).__name__}: {exc}**"
     ended = time.monotonic()
     await asyncio.sleep(max(0.0, settle - (time.monotonic() - ended)))
@@ -866,6 +912,18 @@ def commit() -> str:
     except OSError:
         return "unknown"
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def log_summary(log: str) -> str:
+    """The server log in numbers: its size, tracebacks, and its WARNING lines by what they say."""
+    kinds: Counter[str] = Counter()
+    for line in log.splitlines():
+        if " WARNING " in line or " ERROR " in line:
+            text = line.split(" ", 3)[-1]
+            kinds[re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'...'", text))[:110]] += 1
+    lines = [f"server log: {len(log):,} characters, {log.count('Traceback')} tracebacks"]
+    lines += [f"- {count:,} x `{kind}`" for kind, count in kinds.most_common(8)]
+    return "\n".join(lines)
 
 
 def raise_open_file_limit() -> None:
@@ -951,8 +1009,7 @@ async def main(args: argparse.Namespace) -> int:
             f"{os.cpu_count()} CPUs, scale {args.scale:g}, settle {args.settle:g} s"
         )
         print(markdown(rows, originals, header))
-        tracebacks = log.count("Traceback")
-        print(f"\nserver log: {len(log):,} characters, {tracebacks} tracebacks", flush=True)
+        print(f"\n{log_summary(log)}", flush=True)
         if args.log:
             await asyncio.to_thread(Path(args.log).write_text, log)
     failed = [r for r in rows if "**" in r.attacker_got or not all(p.ok for p in r.during)]
