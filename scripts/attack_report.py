@@ -18,7 +18,8 @@ The floods that feed an attack (the messages a slow reader does not read, the me
 offline session, the stream a sync flood reads) are sent by ordinary users within their rate
 limits: 1,000 messages per sender user (500 per device, the burst of each bucket), as many
 users as the size needs, each keeping at most 16 sends in flight. They are the fuel, not the
-attack.
+attack. A control row comes first: the same 15,000 x 16 KB flood to a device that keeps up (in
+a process of its own), so that the flood's own cost can be told from a slow reader's.
 
 It prints Markdown: the summary table, then each probe's details. Imports the raw-socket
 helpers of the tests (``tests/security/raw.py``, ``tests/support/``), which use only the
@@ -505,32 +506,48 @@ async def slow_reader(world: World, websocket: bool) -> str:
     )
 
 
+async def read_stream(port: int, user: str, token: str, total: int) -> None:
+    """``--read-stream``: a device that keeps up with its stream (QoS 1, each PUBACKed), in a
+    process of its own so that the flooding senders cannot slow it down. Prints ``ready`` after
+    its SUBACK, then how many ``new_message`` events it received, and whether it was closed."""
+    received, closed = 0, False
+    async with link(port) as conn:
+        await conn.connect(Connect(f"{user}:phone", True, 60, user, token.encode()))
+        await conn.send(Subscribe(1, ((f"chat/user/{user}", 1),)).encode())
+        while not isinstance(await conn.packet(), Suback):
+            pass
+        print("ready", flush=True)
+        try:
+            while received < total:
+                packet = await conn.packet(timeout=QUIET)
+                if packet is None:
+                    raise ConnectionResetError
+                if isinstance(packet, Publish):
+                    received += event_type(packet.payload) == "new_message"
+                    if packet.qos:
+                        await conn.send(mqtt.puback(packet.packet_id or 0))
+        except ConnectionError:
+            closed = True
+        except TimeoutError:
+            pass
+    print(json.dumps({"received": received, "closed": closed}), flush=True)
+
+
 async def control_flood(world: World) -> str:
     """The same flood to a device that reads and acknowledges: what the flood itself costs."""
     total = world.n(15_000)
-    received = 0
-    lost = ""
-    async with link(world.port) as conn:
-        await conn.connect(Connect("reader:phone", True, 60, "reader", world.tokens["reader"].encode()))
-        await conn.send(Subscribe(1, (("chat/user/reader", 1),)).encode())
-
-        async def read() -> None:
-            nonlocal received
-            with contextlib.suppress(TimeoutError):
-                while (packet := await conn.packet(timeout=QUIET)) is not None:
-                    if isinstance(packet, Publish):
-                        received += event_type(packet.payload) == "new_message"
-                        if packet.qos:
-                            await conn.send(mqtt.puback(packet.packet_id or 0))
-                        if received >= total:
-                            return
-                nonlocal lost
-                lost = "; **the reader's connection was closed**"
-
-        reading = asyncio.create_task(read())
-        answers = await flood(world, flood_senders("readerf", total), "reader", total, 16_000)
-        await reading
-    return f"received {received:,} of {total:,} ({answers_text(answers)}){lost}"
+    reader = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--read-stream", str(world.port), "reader", str(total),
+        env={**os.environ, "ATTACK_REPORT_TOKEN": world.tokens["reader"]}, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert reader.stdout is not None
+    if (await asyncio.wait_for(reader.stdout.readline(), 30)).strip() != b"ready":
+        return "**the reader did not start**"
+    answers = await flood(world, flood_senders("readerf", total), "reader", total, 16_000)
+    result = json.loads((await asyncio.wait_for(reader.stdout.read(), 120)) or b"{}")
+    await reader.wait()
+    lost = "; **the reader's connection was closed**" if result.get("closed") else ""
+    return f"received {result.get('received', 0):,} of {total:,} ({answers_text(answers)}){lost}"
 
 
 async def connacks(world: World, connects: list[Connect], concurrency: int = 8) -> Counter[str]:
@@ -1023,8 +1040,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", action="append", help="run only the attacks whose name contains this")
     parser.add_argument("--log", help="write the server's log here")
     parser.add_argument("--strict", action="store_true", help="exit 1 if an attack or a probe failed")
+    parser.add_argument("--read-stream", nargs=3, metavar=("PORT", "USER", "COUNT"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse(sys.argv[1:]))))
+    arguments = parse(sys.argv[1:])
+    if arguments.read_stream:
+        port, user, count = arguments.read_stream
+        asyncio.run(read_stream(int(port), user, os.environ["ATTACK_REPORT_TOKEN"], int(count)))
+        sys.exit(0)
+    sys.exit(asyncio.run(main(arguments)))
