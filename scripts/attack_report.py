@@ -359,6 +359,8 @@ class Innocent:
         self.arrived: dict[str, float] = {}
         self.waiters: dict[str, asyncio.Future[float]] = {}
         self.dave_payloads = 0
+        self.dave_connects = 0
+        """dave's connections: more than one means he lost his and live events in the gap."""
         self.forged_seen = 0
         self._dave: asyncio.Task[None] | None = None
         self._count = 0
@@ -382,19 +384,33 @@ class Innocent:
                     if await conn.connect(Connect("dave:laptop", True, 60, "dave", token)) != Connack(False):
                         raise OSError("dave was refused")
                     await conn.send(Subscribe(1, (("chat/user/dave", 0),)).encode())
-                    while (packet := await conn.packet(timeout=20)) is not None:
-                        if isinstance(packet, Suback) and not ready.done():
-                            ready.set_result(None)
-                        if isinstance(packet, Publish):
-                            self.dave_payloads += 1
-                            if b"FORGED" in packet.payload:
-                                self.forged_seen += 1
-                            match = re.search(rb'"client_msg_id":\s*"(probe-\d+)"', packet.payload)
-                            if match:
-                                waiter = self.waiters.get(match.group(1).decode())
-                                if waiter is not None and not waiter.done():
-                                    waiter.set_result(time.monotonic())
+                    self.dave_connects += 1
+
+                    async def ping() -> None:  # a silent client is closed at 1.5 x its keep-alive
+                        while True:
+                            await asyncio.sleep(15)
+                            await conn.send(mqtt.Pingreq().encode())
+
+                    pinger = asyncio.create_task(ping())
+                    try:
+                        await self._read_dave(conn, ready)
+                    finally:
+                        pinger.cancel()
             await asyncio.sleep(0.2)
+
+    async def _read_dave(self, conn: Link, ready: asyncio.Future[None]) -> None:
+        while (packet := await conn.packet(timeout=60)) is not None:
+            if isinstance(packet, Suback) and not ready.done():
+                ready.set_result(None)
+            if isinstance(packet, Publish):
+                self.dave_payloads += 1
+                if b"FORGED" in packet.payload:
+                    self.forged_seen += 1
+                match = re.search(rb'"client_msg_id":\s*"(probe-\d+)"', packet.payload)
+                if match:
+                    waiter = self.waiters.get(match.group(1).decode())
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(time.monotonic())
 
     async def probe(self, timeout: float = 30) -> Probe:
         self._count += 1
@@ -997,6 +1013,7 @@ async def main(args: argparse.Namespace) -> int:
         sampler = RssSampler(server.proc.pid)
         sampler.start()
         rows: list[Row] = []
+        dave_connects = 0
         try:
             world = World(server, {}, args.scale)
             users = ["carol", "dave"] + [user for attack in chosen for user in attack.users(world)]
@@ -1014,6 +1031,7 @@ async def main(args: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)  # fmt: skip
                 rows.append(row)
             await innocent.stop()
+            dave_connects = innocent.dave_connects
         finally:
             sampler.stop()
             log = server.log()
@@ -1026,6 +1044,7 @@ async def main(args: argparse.Namespace) -> int:
             f"{os.cpu_count()} CPUs, scale {args.scale:g}, settle {args.settle:g} s"
         )
         print(markdown(rows, originals, header))
+        print(f"\ndave, the innocent receiver, connected {dave_connects} time(s) (once: he never lost his connection)")
         print(f"\n{log_summary(log)}", flush=True)
         if args.log:
             await asyncio.to_thread(Path(args.log).write_text, log)
