@@ -6,7 +6,7 @@ Usage (from the repository root, with the project's venv)::
     python scripts/attack_report.py --scale 0.02  # a smoke run (tests/security/test_attack_report.py)
 
 One ``mqchat serve`` runs on SQLite in a temporary directory, on free ports, with every limit at
-its default (only ``auth.registrations_per_ip_per_hour`` is raised: the script registers its ~45
+its default (only ``auth.registrations_per_ip_per_hour`` is raised: the script registers its 58
 users from one address). Each attack runs in turn; for each, the server's RSS (``VmRSS`` of
 ``/proc/PID/status``) is read just before, sampled every 100 ms while it runs (and during the
 settling time after it), and read again ``--settle`` seconds (5) after it ends. Meanwhile an
