@@ -7,7 +7,10 @@ malformed ones the codec would never write.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -137,6 +140,50 @@ async def raw_client(port: int, host: str = "127.0.0.1") -> AsyncIterator[RawCli
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def stalled_socket(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A TCP connection whose receive window stays tiny: once we stop reading, the server's
+    writes pile up on its side."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def ws_frame(data: bytes) -> bytes:
+    """A masked binary WebSocket frame, as a client must send it (RFC 6455, 5.2)."""
+    mask = os.urandom(4)
+    size = len(data)
+    head = bytes([0x82]) + (
+        bytes([0x80 | size])
+        if size < 126
+        else bytes([0x80 | 126]) + struct.pack("!H", size)
+        if size < 65536
+        else bytes([0x80 | 127]) + struct.pack("!Q", size)
+    )
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+async def ws_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            "GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise ConnectionError(f"no WebSocket upgrade: {head[:200]!r}")
 
 
 class MqttListening(Protocol):

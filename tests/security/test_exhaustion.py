@@ -4,12 +4,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import os
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +16,7 @@ from mqchat.config import Settings
 from mqchat.core import mqtt
 from mqchat.core.mqtt import Connack, Connect, Subscribe
 from mqchat.runner import RunningServer
-from tests.security.raw import RawClient, raw_client
+from tests.security.raw import RawClient, raw_client, stalled_socket, ws_frame, ws_handshake
 from tests.support.accounts import UNLIMITED, http_client, register
 from tests.support.devices import Device, connect_device
 
@@ -71,49 +67,6 @@ async def gone(server: RunningServer, user_id: str, timeout: float = 20) -> None
 
 
 # ------------------------------------------------------------ slow readers
-
-
-@contextlib.asynccontextmanager
-async def stalled_socket(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    """A TCP connection whose receive window stays tiny: once we stop reading, the server's
-    writes pile up on its side."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-def ws_frame(data: bytes) -> bytes:
-    """A masked binary WebSocket frame, as a client must send it (RFC 6455, 5.2)."""
-    mask = os.urandom(4)
-    size = len(data)
-    head = bytes([0x82]) + (
-        bytes([0x80 | size])
-        if size < 126
-        else bytes([0x80 | 126]) + struct.pack("!H", size)
-        if size < 65536
-        else bytes([0x80 | 127]) + struct.pack("!Q", size)
-    )
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-
-
-async def ws_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            "GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
-        ).encode()
-    )
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
 
 
 @pytest.mark.parametrize("extra_limits", [{"max_outgoing_buffer_bytes": BUFFER_LIMIT}])
