@@ -17,7 +17,7 @@ import uvicorn
 
 from mqchat.api.app import create_app, create_metrics_app
 from mqchat.api.http11 import GuardedH11Protocol
-from mqchat.api.logthrottle import LogThrottle
+from mqchat.logthrottle import LogThrottle
 from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.composition import Services, build_services
 from mqchat.broker.amqtt_host import AmqttHost

@@ -35,7 +35,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from mqchat.api.logthrottle import ThrottleFilter
+from mqchat.logthrottle import ThrottleFilter
 
 log = logging.getLogger(__name__)
 log.addFilter(ThrottleFilter())

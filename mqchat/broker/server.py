@@ -44,8 +44,13 @@ from mqchat.core.topics import (
     inbox_topic,
     may_publish,
 )
+from mqchat.logthrottle import ThrottleFilter
 
 log = logging.getLogger(__name__)
+# Refused CONNECTs and SUBSCRIBEs are logged per attempt, and a hostile token can make
+# attempts as fast as it opens sockets (1,400 lines a second in the attack re-run): at most one
+# line per template per 10 s, with a count of the ones left out. Metrics count every refusal.
+log.addFilter(ThrottleFilter())
 
 ListenerKind = Literal["tcp", "ws"]
 LISTEN_BACKLOG = 4096  # a connect storm overflowed asyncio's default of 100; the kernel caps it at somaxconn

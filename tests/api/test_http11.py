@@ -10,7 +10,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from mqchat.api.http11 import GuardedH11Protocol
-from mqchat.api.logthrottle import LogThrottle
+from mqchat.logthrottle import LogThrottle
 
 METHODS = ["connection_made", "connection_lost", "data_received", "handle_events", "on_response_complete"]
 PRIVATE_METHODS = ["_unsupported_upgrade_warning"]

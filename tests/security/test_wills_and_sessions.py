@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from mqchat.config import Settings
 from mqchat.core import mqtt
 from mqchat.core.mqtt import Connack, Connect, Publish, Pubrec, Pubrel, Suback, Subscribe, Will
+from mqchat.logthrottle import LogThrottle, ThrottleFilter
 from mqchat.runner import RunningServer
 from tests.security.raw import RawClient, field, packet, raw_client
 from tests.support.accounts import UNLIMITED, http_client, register
@@ -94,6 +96,26 @@ async def test_a_will_on_anyone_elses_topic_refuses_the_connect(server: RunningS
         # seq 1 is the group's creation; carol's real messages follow, none displaced.
         assert [(e["seq"], e["from_user"], e["content"]) for e in got] == [(i, "carol", "real") for i in (2, 3, 4)]
         assert forged not in json.dumps(got).encode()
+
+
+async def test_refused_connects_are_logged_once_per_kind_per_interval(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attack re-run made 900-1,400 refusal lines a second from one token (issue 10)."""
+    alice = await register(server, "alice")
+    will = Will("chat/user/bob", b"forged", 1, False)
+    for throttle in logging.getLogger("mqchat.broker.server").filters:
+        if isinstance(throttle, ThrottleFilter):  # module-wide: earlier tests' lines count too
+            throttle.throttle = LogThrottle(throttle.throttle.interval)
+    with caplog.at_level(logging.WARNING, logger="mqchat.broker.server"):
+        for _ in range(30):
+            async with raw_client(port(server)) as raw:
+                assert (
+                    await connack_of(raw, Connect("alice:phone", True, 30, "alice", alice.encode(), will))
+                    == NOT_AUTHORIZED
+                )
+    refusals = [r for r in caplog.records if r.name == "mqchat.broker.server" and "a will on" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
 
 
 async def test_a_retained_will_is_refused_even_on_the_own_inbox(server: RunningServer) -> None:
