@@ -51,7 +51,7 @@ from typing import Any
 
 from redis.exceptions import ReadOnlyError, RedisError
 
-from mqchat.bridge.redis_client import connect
+from mqchat.bridge.redis_client import address_of, connect, master_now
 from mqchat.config import ClusterSettings
 from mqchat.core.ids import DeviceAddress
 
@@ -549,9 +549,26 @@ class RedisCluster:
                 await self._redis.sadd(PREFIX + "nodes", self.node_id)
                 if self._subscribed:
                     self._healthy = True
+                await self._check_master()
                 await self._reap_dead_nodes()
             except (RedisError, OSError, TimeoutError) as exc:
                 self._broken(f"the heartbeat failed: {exc!r}", exc)
+
+    async def _check_master(self) -> None:
+        """Behind Sentinel: follow a new master even while the old one still answers."""
+        master = await master_now(self._redis)
+        if master is None or self._following or not self._subscribed:
+            return
+        subscribed_at = address_of(self._pubsub)
+        if subscribed_at is not None and subscribed_at != master:
+            log.warning(
+                "cluster: the Sentinels name %s:%d as master, our subscription is on %s:%d: following",
+                *master,
+                *subscribed_at,
+            )
+            self._healthy = False
+            self._following = True
+            self._spawn(self._follow_master())
 
     async def _probe_loop(self) -> None:
         """A subscription can die without an error (a half-open connection): send ourselves a

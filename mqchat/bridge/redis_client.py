@@ -26,7 +26,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as redis
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -210,3 +210,24 @@ def connect(url: str, *, timeout: float, decode_responses: bool = False) -> redi
     )
     client.owns(sentinel)
     return client
+
+
+async def master_now(client: redis.Redis) -> tuple[str, int] | None:
+    """The address the Sentinels name as master now (None for a plain URL). A failover that
+    leaves the old master alive (``SENTINEL FAILOVER``, a partition that heals) lets it serve
+    until the Sentinels reconfigure it, seconds later: a connection opened before still works
+    there, where the other nodes may no longer be. Asking is how a node notices at once.
+    Also drops the pool's idle connections when the master has moved."""
+    pool = client.connection_pool
+    if not isinstance(pool, SentinelConnectionPool):
+        return None
+    host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    return str(host), int(port)
+
+
+def address_of(pubsub: Any) -> tuple[str, int] | None:
+    """Where a pub/sub object is connected (None: not connected)."""
+    connection = getattr(pubsub, "connection", None)
+    if connection is None:
+        return None
+    return str(connection.host), int(connection.port)
