@@ -260,6 +260,7 @@ class RedisCluster:
         self._stopping = False
         self._following = False
         self._resubscribing = asyncio.Lock()
+        self._sentinels_unreachable = False
         self._serving = False
         self.on_events: Handler = lambda items: None
         self.on_control: ControlHandler = lambda message: None
@@ -556,7 +557,16 @@ class RedisCluster:
 
     async def _check_master(self) -> None:
         """Behind Sentinel: follow a new master even while the old one still answers."""
-        master = await master_now(self._redis)
+        try:
+            master = await asyncio.wait_for(master_now(self._redis), _REDIS_TIMEOUT)  # the heartbeat must go on
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The master still answers (the heartbeat just wrote to it): no reason to degrade.
+            # Say so once; new connections will fail until a Sentinel answers again.
+            if not self._sentinels_unreachable:
+                log.warning("cluster: cannot ask the Sentinels where the master is (%r)", exc)
+            self._sentinels_unreachable = True
+            return
+        self._sentinels_unreachable = False
         if master is None or self._following or not self._subscribed:
             return
         subscribed_at = address_of(self._pubsub)

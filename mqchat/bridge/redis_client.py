@@ -26,7 +26,9 @@ from typing import Any, cast
 from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -195,6 +197,9 @@ def connect(url: str, *, timeout: float, decode_responses: bool = False) -> redi
             "socket_connect_timeout": timeout,
             "username": target.sentinel_username,
             "password": target.sentinel_password,
+            # One try each: the next Sentinel is the retry. redis-py's default (10 tries with
+            # back-off) made one lookup with every Sentinel down take about 20 s.
+            "retry": Retry(NoBackoff(), 0),
         },
     )
     client = cast(

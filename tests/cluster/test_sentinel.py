@@ -270,3 +270,23 @@ async def count(senders: Sequence[Sender], database: str) -> None:
         assert set(seen) == mine, f"{user} got each message it sent or was sent, and no other"
     total = sum(len(s.acked) for s in senders)
     print(f"count: {total} sends acked and stored once; streams read 1..head: {dict(sorted(head.items()))}")
+
+
+async def test_nodes_stay_healthy_while_only_the_sentinels_are_down(
+    nodes: Sequence[ServerProcess], sentinels: SentinelSet
+) -> None:
+    """The Sentinels are asked where the master is every heartbeat; when none answers while the
+    master does, the nodes keep working on it (and say so once) rather than report Redis down,
+    and the question does not hold up the heartbeat that keeps a node alive for the others."""
+    n1, n2 = nodes
+    probes = [await account(n1, "p1"), await account(n2, "p2")]
+    for sentinel in sentinels.sentinels:
+        await sentinel.kill()
+    async with device_on(n1, "p1", "probe", *probes[0]) as p1, device_on(n2, "p2", "probe", *probes[1]) as p2:
+        await asyncio.sleep(12)  # longer than a node's liveness TTL (10 s): a stuck heartbeat gets a node reaped
+        await asyncio.gather(first_live_probe(p1, p2, 0), first_live_probe(p2, p1, 0))
+    for server in (n1, n2):
+        async with server.http() as http:
+            assert (await http.get("/healthz")).json()["redis"] == "ok"
+        assert "cannot ask the Sentinels" in server.log()
+        assert "is gone" not in server.log(), "no node thought the other dead"
