@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -164,6 +164,22 @@ def _options(query: str) -> dict[str, str]:
     return {name: values[0] for name, values in raw.items()}
 
 
+class _LastKnownMasterPool(SentinelConnectionPool):
+    """A new connection goes to the master the Sentinels name; when none names one (all down,
+    or the master is down and not yet replaced), to the master they named last. Without this a
+    node whose Sentinels are all down could not open one more connection to a master that works.
+    A dead old master refuses the connection anyway, and a demoted one answers ``READONLY``,
+    which redis-py turns into a ``ConnectionError``."""
+
+    async def get_master_address(self) -> Any:
+        try:
+            return await super().get_master_address()  # type: ignore[no-untyped-call]
+        except MasterNotFoundError:
+            if self.master_address is None:
+                raise
+            return self.master_address
+
+
 class _SentinelMaster(redis.Redis):
     """The master's client; closing it also closes the clients it keeps to the Sentinels."""
 
@@ -207,6 +223,7 @@ def connect(url: str, *, timeout: float, decode_responses: bool = False) -> redi
         sentinel.master_for(
             target.service,
             redis_class=_SentinelMaster,
+            connection_pool_class=_LastKnownMasterPool,
             db=target.db,
             username=target.username,
             password=target.password,
@@ -222,11 +239,11 @@ async def master_now(client: redis.Redis) -> tuple[str, int] | None:
     leaves the old master alive (``SENTINEL FAILOVER``, a partition that heals) lets it serve
     until the Sentinels reconfigure it, seconds later: a connection opened before still works
     there, where the other nodes may no longer be. Asking is how a node notices at once.
-    Also drops the pool's idle connections when the master has moved."""
+    Raises ``MasterNotFoundError`` when no Sentinel names a master."""
     pool = client.connection_pool
     if not isinstance(pool, SentinelConnectionPool):
         return None
-    host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+    host, port = await pool.sentinel_manager.discover_master(pool.service_name)
     return str(host), int(port)
 
 
