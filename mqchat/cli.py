@@ -61,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--ws-port", type=int, help="MQTT over WebSocket (default 8083)")
     serve.add_argument("--http-port", type=int, help="HTTP API (default 8080)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (default INFO)")
-    serve.add_argument("--redis-url", help="cluster mode: e.g. redis://127.0.0.1:6379/0 (default: a single node)")
+    serve.add_argument(
+        "--redis-url",
+        help="cluster mode: e.g. redis://127.0.0.1:6379/0, or redis+sentinel://h1:26379,h2:26379/SERVICE"
+        " (default: a single node)",
+    )
     serve.add_argument("--node-id", help="this node's name in the cluster (default: host name and process id)")
     serve.add_argument("--log-format", choices=("text", "json"), help="text or JSON lines (default text)")
 

@@ -24,6 +24,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from mqchat.bridge.redis_client import parse_redis_url
+
 
 class _Section(BaseModel):
     # A misspelt key in a config file is an error, not a silently ignored setting.
@@ -347,7 +349,9 @@ class Settings(BaseSettings):
     """SQLAlchemy URL. Unset: SQLite at ``{data_dir}/mqchat.db``."""
     database: DatabaseSettings = DatabaseSettings()
     redis_url: str | None = None
-    """Redis for cluster mode, e.g. ``redis://127.0.0.1:6379/0``. Unset: a single node."""
+    """Redis for cluster mode, e.g. ``redis://127.0.0.1:6379/0``, or through Sentinel
+    ``redis+sentinel://[user:password@]host1:26379,host2:26379,host3:26379/SERVICE[/db]``
+    (``?sentinel_password=...`` when the Sentinels have one). Unset: a single node."""
     node_id: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^\S+$")
     """This node's name in the cluster, metrics, logs and health rows. Unset: the host name in
     metrics, logs and health; in cluster mode the host name and process id (give every node its
@@ -369,6 +373,15 @@ class Settings(BaseSettings):
     push: PushSettings = PushSettings()
     files: FilesSettings = FilesSettings()
     metrics: MetricsSettings = MetricsSettings()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_readable(cls, value: str | None) -> str | None:
+        # Checked here so a mistyped URL stops ``mqchat serve`` at once, naming the problem,
+        # instead of a node that retries a Redis it can never reach.
+        if value is not None:
+            parse_redis_url(value)
+        return value
 
     @classmethod
     def settings_customise_sources(

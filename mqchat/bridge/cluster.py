@@ -26,6 +26,12 @@ events tells the others to re-read those users once it is back; and a probe thro
 node's own subscription notices a subscription that died silently. While Redis is down
 sends are still stored and acked (the store does not need Redis), limits fall back to
 this node's own counts, and the node reports itself degraded.
+
+Behind Sentinel (``redis+sentinel://``, mqchat/bridge/redis_client.py) a failover is one more
+broken link: the old master's connections break (it died) or answer ``READONLY`` (it was
+demoted); the node drops its connections, subscribes again on the master the Sentinels name
+now, and re-runs catch-up as after any reconnect. What the old master had not yet copied to
+its replica (Redis replicates asynchronously) is lost like anything else Redis carries.
 """
 
 from __future__ import annotations
@@ -43,9 +49,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError
 
+from mqchat.bridge.redis_client import address_of, connect, master_now
 from mqchat.config import ClusterSettings
 from mqchat.core.ids import DeviceAddress
 
@@ -224,9 +230,9 @@ class RedisCluster:
         self.node_id = node_id or default_node_id()
         self._own_origin = self.node_id.encode() + b"\n"
         self._settings = settings
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=_REDIS_TIMEOUT, socket_connect_timeout=_REDIS_TIMEOUT, decode_responses=False
-        )
+        # Sentinel or one server (mqchat/bridge/redis_client.py): either way new connections,
+        # the subscription's included, go to the current master.
+        self._redis = connect(url, timeout=_REDIS_TIMEOUT)
         self._scripts = {
             name: self._redis.register_script(source)
             for name, source in (
@@ -252,6 +258,9 @@ class RedisCluster:
         self._subscribed = False
         self._healthy = False
         self._stopping = False
+        self._following = False
+        self._resubscribing = asyncio.Lock()
+        self._sentinels_unreachable = False
         self._serving = False
         self.on_events: Handler = lambda items: None
         self.on_control: ControlHandler = lambda message: None
@@ -318,7 +327,7 @@ class RedisCluster:
             await self._pubsub.subscribe(channel)
             await asyncio.wait_for(asyncio.shield(waiter), _REDIS_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"subscribing to {channel} failed: {exc!r}")
+            self._broken(f"subscribing to {channel} failed: {exc!r}", exc)
         finally:
             if self._confirmations.get(channel) is waiter and waiter.done():
                 del self._confirmations[channel]
@@ -374,7 +383,7 @@ class RedisCluster:
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._remember_unsent(channel.removeprefix(PREFIX + "u:") for channel, _ in batch)
-            self._broken(f"publishing failed: {exc!r}")
+            self._broken(f"publishing failed: {exc!r}", exc)
 
     def _remember_unsent(self, users: Iterable[str]) -> None:
         """Users whose events the other nodes may have missed: they re-read them when we are back."""
@@ -395,7 +404,7 @@ class RedisCluster:
             except (RedisError, OSError, TimeoutError, AttributeError) as exc:
                 if self._stopping:
                     return
-                self._broken(f"the subscription failed: {exc!r}")
+                self._broken(f"the subscription failed: {exc!r}", exc)
                 await self._reconnect()
                 continue
             if message is not None:
@@ -454,6 +463,8 @@ class RedisCluster:
                 return
             except (RedisError, OSError, TimeoutError) as exc:
                 await self._close_pubsub()
+                if isinstance(exc, ReadOnlyError):
+                    await self._drop_connections()  # a replica (demoted master): look it up again
                 log.warning("cluster: cannot reach Redis (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -486,10 +497,39 @@ class RedisCluster:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), _REDIS_TIMEOUT)
 
-    def _broken(self, why: str) -> None:
+    def _broken(self, why: str, exc: BaseException | None = None) -> None:
         if self._healthy:
             log.warning("cluster: %s; degraded until Redis answers again", why)
         self._healthy = False
+        if isinstance(exc, ReadOnlyError) and not self._following and not self._stopping and self._tasks:
+            # The server we write to was demoted to a replica (a failover): our subscription is
+            # most likely on it too, where the others no longer publish. Start over on the master.
+            self._following = True
+            self._spawn(self._follow_master())
+
+    async def _follow_master(self) -> None:
+        try:
+            await self._drop_connections()
+            await self._resubscribe()
+        finally:
+            self._following = False
+
+    async def _drop_connections(self) -> None:
+        """Close every pooled connection, so the next ones look the master up again (Sentinel,
+        or DNS behind a plain URL) instead of reusing a link to a demoted server."""
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.connection_pool.disconnect()
+
+    async def _resubscribe(self) -> None:
+        """Replace the subscription (and its reader) with a new one on the current master; the
+        reconnect re-runs catch-up for every local device."""
+        async with self._resubscribing:
+            if self._stopping or not self._tasks:
+                return
+            self._tasks[0].cancel()
+            await asyncio.gather(self._tasks[0], return_exceptions=True)
+            await self._reconnect()
+            self._tasks[0] = asyncio.create_task(self._read_loop(), name="mqchat-cluster-reader")
 
     # ------------------------------------------------------------ liveness
 
@@ -510,9 +550,35 @@ class RedisCluster:
                 await self._redis.sadd(PREFIX + "nodes", self.node_id)
                 if self._subscribed:
                     self._healthy = True
+                await self._check_master()
                 await self._reap_dead_nodes()
             except (RedisError, OSError, TimeoutError) as exc:
-                self._broken(f"the heartbeat failed: {exc!r}")
+                self._broken(f"the heartbeat failed: {exc!r}", exc)
+
+    async def _check_master(self) -> None:
+        """Behind Sentinel: follow a new master even while the old one still answers."""
+        try:
+            master = await asyncio.wait_for(master_now(self._redis), _REDIS_TIMEOUT)  # the heartbeat must go on
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The master still answers (the heartbeat just wrote to it): no reason to degrade.
+            # Say so once; new connections will fail until a Sentinel answers again.
+            if not self._sentinels_unreachable:
+                log.warning("cluster: cannot ask the Sentinels where the master is (%r)", exc)
+            self._sentinels_unreachable = True
+            return
+        self._sentinels_unreachable = False
+        if master is None or self._following or not self._subscribed:
+            return
+        subscribed_at = address_of(self._pubsub)
+        if subscribed_at is not None and subscribed_at != master:
+            log.warning(
+                "cluster: the Sentinels name %s:%d as master, our subscription is on %s:%d: following",
+                *master,
+                *subscribed_at,
+            )
+            self._healthy = False
+            self._following = True
+            self._spawn(self._follow_master())
 
     async def _probe_loop(self) -> None:
         """A subscription can die without an error (a half-open connection): send ourselves a
@@ -529,12 +595,8 @@ class RedisCluster:
             except (RedisError, OSError, TimeoutError) as exc:
                 if self._stopping:
                     return
-                self._broken(f"the subscription did not answer its probe ({exc!r})")
-                if self._tasks:
-                    self._tasks[0].cancel()
-                    await asyncio.gather(self._tasks[0], return_exceptions=True)
-                    await self._reconnect()
-                    self._tasks[0] = asyncio.create_task(self._read_loop(), name="mqchat-cluster-reader")
+                self._broken(f"the subscription did not answer its probe ({exc!r})", exc)
+                await self._resubscribe()
 
     async def _reap_dead_nodes(self) -> None:
         nodes = [_text(node) for node in await self._redis.smembers(PREFIX + "nodes")]
@@ -583,7 +645,7 @@ class RedisCluster:
                 args=[device.device_id, f"{self.node_id}:{epoch}", self.node_id, limit, _member(device), time.time()],
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"registering {device.client_id} failed: {exc!r}")
+            self._broken(f"registering {device.client_id} failed: {exc!r}", exc)
             raise Degraded from exc
         return bool(allowed), int(before)
 
@@ -596,7 +658,7 @@ class RedisCluster:
                 args=[device.device_id, f"{self.node_id}:{epoch}", _member(device), str(time.time())],
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"unregistering {device.client_id} failed: {exc!r}")
+            self._broken(f"unregistering {device.client_id} failed: {exc!r}", exc)
             raise Degraded from exc
         return int(left)
 
@@ -608,7 +670,7 @@ class RedisCluster:
                 pipe.get(f"{PREFIX}seen:{user_id}")
                 devices, seen = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"reading presence failed: {exc!r}")
+            self._broken(f"reading presence failed: {exc!r}", exc)
             raise Degraded from exc
         return int(devices) > 0, None if seen is None else float(seen)
 
@@ -617,7 +679,7 @@ class RedisCluster:
         try:
             return int(await self._redis.incr(PREFIX + "epoch"))
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"allocating an epoch failed: {exc!r}")
+            self._broken(f"allocating an epoch failed: {exc!r}", exc)
             raise Degraded from exc
 
     # -------------------------------------------------------------- limits
@@ -640,7 +702,7 @@ class RedisCluster:
         try:
             waits = await self._scripts["buckets"](keys=keys, args=[time.time(), *params, len(requests), *plan])
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"the rate limits failed: {exc!r}")
+            self._broken(f"the rate limits failed: {exc!r}", exc)
             raise Degraded from exc
         return [float(wait) for wait in waits]
 
@@ -652,7 +714,7 @@ class RedisCluster:
                 )
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"the device-id budget failed: {exc!r}")
+            self._broken(f"the device-id budget failed: {exc!r}", exc)
             raise Degraded from exc
 
     async def count_attempt(self, limits: Sequence[tuple[str, int]], window: float, member: str) -> float:
@@ -664,7 +726,7 @@ class RedisCluster:
                 keys=keys, args=[time.time(), window, member, *(limit for _, limit in limits)]
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            self._broken(f"the attempt counter failed: {exc!r}")
+            self._broken(f"the attempt counter failed: {exc!r}", exc)
             raise Degraded from exc
         return float(wait)
 
