@@ -17,13 +17,13 @@ import uvicorn
 
 from mqchat.api.app import create_app, create_metrics_app
 from mqchat.api.http11 import GuardedH11Protocol
-from mqchat.logthrottle import LogThrottle
 from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.composition import Services, build_services
 from mqchat.broker.amqtt_host import AmqttHost
 from mqchat.broker.server import MqttServer
 from mqchat.config import Settings
 from mqchat.logs import quiet_libraries
+from mqchat.logthrottle import LogThrottle
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,8 @@ Sentinel-managed pools, and the cluster link treats both as a broken link: recon
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote
@@ -29,6 +31,7 @@ import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.exceptions import MaxConnectionsError
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -164,12 +167,64 @@ def _options(query: str) -> dict[str, str]:
     return {name: values[0] for name, values in raw.items()}
 
 
-class _LastKnownMasterPool(SentinelConnectionPool):
+POOL_SIZE = 100
+"""Connections a node keeps to Redis at most (redis-py's default, said out loud)."""
+
+
+class _WaitForRoom:
+    """A pool that makes a command wait for a free connection instead of failing.
+
+    redis-py's pool raises ``MaxConnectionsError`` at once when all its connections are busy:
+    500 devices connecting at once (each registering in Redis) made 400 of them fail, and the
+    node declared Redis broken. Here a command waits up to the socket timeout for a connection
+    to come back, as ``BlockingConnectionPool`` does for plain pools (it cannot be combined
+    with the Sentinel pool)."""
+
+    _room: asyncio.Condition
+    _wait: float
+
+    def _make_room(self, wait: float | None) -> None:
+        self._room = asyncio.Condition()
+        self._wait = wait or 2.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait
+        while True:
+            try:
+                return await super().get_connection(*args, **kwargs)  # type: ignore[misc]
+            except MaxConnectionsError:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise
+                async with self._room:
+                    # A release between the refusal and here is missed: the wait then ends at
+                    # the next release (or the deadline), never hangs.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._room.wait(), remaining)
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)  # type: ignore[misc]
+        async with self._room:
+            self._room.notify()
+
+
+class _Pool(_WaitForRoom, redis.ConnectionPool):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._make_room(kwargs.get("socket_timeout"))
+
+
+class _LastKnownMasterPool(_WaitForRoom, SentinelConnectionPool):
     """A new connection goes to the master the Sentinels name; when none names one (all down,
     or the master is down and not yet replaced), to the master they named last. Without this a
     node whose Sentinels are all down could not open one more connection to a master that works.
     A dead old master refuses the connection anyway, and a demoted one answers ``READONLY``,
     which redis-py turns into a ``ConnectionError``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        self._make_room(kwargs.get("socket_timeout"))
 
     async def get_master_address(self) -> Any:
         try:
@@ -203,9 +258,10 @@ def connect(url: str, *, timeout: float, decode_responses: bool = False) -> redi
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
         "decode_responses": decode_responses,
+        "max_connections": POOL_SIZE,
     }
     if isinstance(target, PlainTarget):
-        return redis.Redis.from_url(target.url, **options)
+        return redis.Redis.from_pool(_Pool.from_url(target.url, **options))
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
         list(target.sentinels),
         sentinel_kwargs={
