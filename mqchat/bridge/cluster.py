@@ -131,6 +131,31 @@ if left == 0 then redis.call('SET', KEYS[2], ARGV[3]) end
 return left
 """
 
+# KEYS: devices hash, the node's device set, last-seen key. ARGV: device, node:epoch, epoch, member,
+# now. Records again a device this node holds (Redis came back empty, or a survivor reaped this node
+# while it was cut off), unless a newer connection of it holds it elsewhere; no limit: it is
+# connected already. Returns 0 if the user came online with it, 1 if not, -1 if a newer one holds it.
+_REJOIN = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held == ARGV[2] then return 1 end
+if held and (tonumber(string.match(held, ':(%d+)$')) or 0) > tonumber(ARGV[3]) then return -1 end
+local before = redis.call('HLEN', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[4])
+if before == 0 then
+  redis.call('SET', KEYS[3], ARGV[5])
+  return 0
+end
+return 1
+"""
+
+# KEYS: the epoch counter. ARGV: an epoch in use. A Redis that came back empty counts from 1 again;
+# new connections must still be newer than the ones held, or a takeover would not close the old one.
+_EPOCH_FLOOR = """
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
 # KEYS: one bucket per key. ARGV: now, then rate, burst for each key, then the number of
 # requests, then for each request the indexes (1-based) of its buckets, 0-terminated.
 # A request passes only if every one of its buckets has a token; returns, per request, 0
@@ -215,6 +240,11 @@ class Degraded(Exception):
 Handler = Callable[[list[tuple[str, bytes]]], None]
 ControlHandler = Callable[[dict[str, Any]], None]
 ResyncHandler = Callable[[set[str] | None], None]
+RejoinHandler = Callable[[], Awaitable[None]]
+
+
+async def _nothing_to_rejoin() -> None:
+    return None
 
 
 class RedisCluster:
@@ -233,6 +263,8 @@ class RedisCluster:
                 ("register", _REGISTER),
                 ("unregister", _UNREGISTER),
                 ("reap", _REAP),
+                ("rejoin", _REJOIN),
+                ("epoch_floor", _EPOCH_FLOOR),
                 ("buckets", _BUCKETS),
                 ("new_device", _NEW_DEVICE),
                 ("attempts", _ATTEMPTS),
@@ -251,11 +283,13 @@ class RedisCluster:
         self._background: set[asyncio.Future[None]] = set()
         self._subscribed = False
         self._healthy = False
+        self._recovery_due = False
         self._stopping = False
         self._serving = False
         self.on_events: Handler = lambda items: None
         self.on_control: ControlHandler = lambda message: None
         self.on_resync: ResyncHandler = lambda users: None
+        self.on_rejoin: RejoinHandler = _nothing_to_rejoin
         self.reconnects = 0
 
     # ------------------------------------------------------------- lifecycle
@@ -461,6 +495,10 @@ class RedisCluster:
     def _after_reconnect(self) -> None:
         # Whatever was published while we were away may be lost: our devices and long-polls
         # read their streams again; and the others re-read the users we could not publish for.
+        # What Redis knows of our devices may be gone too (it restarted empty, or a survivor
+        # reaped us): record them again, and forget those that left while it could not hear.
+        self._recovery_due = False
+        self._spawn(self.on_rejoin())
         self.on_resync(None)
         if self._unsent_everyone:
             self.control("resync", users=None)
@@ -490,6 +528,9 @@ class RedisCluster:
         if self._healthy:
             log.warning("cluster: %s; degraded until Redis answers again", why)
         self._healthy = False
+        # Whatever failed (a publish, an unregister, the subscription's bytes) may have been lost
+        # even if the subscription itself survives: recover as after a reconnect.
+        self._recovery_due = True
 
     # ------------------------------------------------------------ liveness
 
@@ -510,6 +551,9 @@ class RedisCluster:
                 await self._redis.sadd(PREFIX + "nodes", self.node_id)
                 if self._subscribed:
                     self._healthy = True
+                    if self._recovery_due:
+                        log.warning("cluster: Redis answers again: reading every stream again")
+                        self._after_reconnect()
                 await self._reap_dead_nodes()
             except (RedisError, OSError, TimeoutError) as exc:
                 self._broken(f"the heartbeat failed: {exc!r}")
@@ -599,6 +643,55 @@ class RedisCluster:
             self._broken(f"unregistering {device.client_id} failed: {exc!r}")
             raise Degraded from exc
         return int(left)
+
+    async def rejoin(self, held: dict[DeviceAddress, int]) -> tuple[set[str], set[str]]:
+        """Make Redis's record of this node's devices ``held`` (device -> epoch) again: record the
+        missing ones, remove the ones that left while Redis could not hear it. Returns the users
+        that came online and those that went offline by it. Raises ``Degraded``."""
+        came, went = set(), set()
+        now = str(time.time())
+        try:
+            devices = list(held.items())
+            if devices:
+                await self._scripts["epoch_floor"](keys=[PREFIX + "epoch"], args=[max(e for _, e in devices)])
+            for start in range(0, len(devices), 500):
+                chunk = devices[start : start + 500]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for device, epoch in chunk:
+                        user = device.user_id
+                        await self._scripts["rejoin"](
+                            keys=[f"{PREFIX}dev:{user}", f"{PREFIX}nodedev:{self.node_id}", f"{PREFIX}seen:{user}"],
+                            args=[device.device_id, f"{self.node_id}:{epoch}", epoch, _member(device), now],
+                            client=pipe,
+                        )
+                    results = await pipe.execute()
+                came |= {device.user_id for (device, _), result in zip(chunk, results, strict=True) if result == 0}
+            went = await self._forget_left(held, now)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"registering this node's devices again failed: {exc!r}")
+            raise Degraded from exc
+        return came, went - {device.user_id for device in held}
+
+    async def _forget_left(self, held: dict[DeviceAddress, int], now: str) -> set[str]:
+        """Unregister the devices Redis has on this node that are not ``held`` (they disconnected
+        while Redis could not hear it); the users left without a device."""
+        members = [_text(member) for member in await self._redis.smembers(f"{PREFIX}nodedev:{self.node_id}")]
+        went = set()
+        for member in members:
+            user_id, _, device_id = member.partition("\t")
+            if DeviceAddress(user_id, device_id) in held:
+                continue
+            value = await self._redis.hget(f"{PREFIX}dev:{user_id}", device_id)
+            if value is None or not _text(value).startswith(self.node_id + ":"):
+                await self._redis.srem(f"{PREFIX}nodedev:{self.node_id}", member)
+                continue
+            left = await self._scripts["unregister"](
+                keys=[f"{PREFIX}dev:{user_id}", f"{PREFIX}nodedev:{self.node_id}", f"{PREFIX}seen:{user_id}"],
+                args=[device_id, _text(value), member, now],
+            )
+            if left == 0:
+                went.add(user_id)
+        return went
 
     async def presence(self, user_id: str) -> tuple[bool, float | None]:
         """(online anywhere, last seen as a UNIX time)."""
