@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import asyncpg
 import httpx
 import pytest
 
+from mqchat.bridge.storage.schema import head
+from mqchat.bridge.tables import METADATA
 from tests.support import postgres
 from tests.support.accounts import UNLIMITED, http_client
 from tests.support.cluster import RedisProcess, account, device_on, node, running
@@ -230,7 +233,8 @@ async def outage(
         await cluster.leaving.aclose()  # the leaver goes while Redis cannot hear it
         await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - broken_at)))
         assert await statuses(nodes) == expected
-        acked_during = sum(1 for sent in traffic.acked if sent.at >= broken_at)
+        during = [sent.took for sent in traffic.acked if sent.at >= broken_at]
+        acked_during = len(during)
         assert acked_during > 0, "nothing acked while Redis was gone"
         assert not traffic.refused, traffic.refused[:5]
         await repair()
@@ -268,7 +272,8 @@ async def outage(
         f" after repair: /healthz ok in {times['health_ok_after_s']:.2f} s, live across nodes in"
         f" {times['live_after_s']:.2f} s (per watcher: {per_node}; missed message arrived as shown),"
         f" presence right on every node in {times['presence_after_s']:.2f} s;"
-        f" acked during the outage {acked_during}; totals {totals}"
+        f" acked during the outage {acked_during} (send to ack: median {statistics.median(during):.3f} s,"
+        f" max {max(during):.3f} s); totals {totals}"
     )
     return times
 
@@ -318,3 +323,36 @@ async def test_one_nodes_redis_link_broken_alone_under_traffic(
                 assert proxy.dropped > 0
     finally:
         await proxy.close()
+
+
+@pytest.mark.timeout(600)
+async def test_three_nodes_started_at_once_on_an_empty_database_ten_times(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    """The nodes' whole start-up (migrations under the advisory lock, then everything after it)
+    racing on an empty database, as a fresh cluster starts; tests/bridge/test_migrations.py races
+    ``migrate()`` alone, in one process."""
+    tables = [*METADATA.tables, "alembic_version"]
+    started: list[float] = []
+    for round_ in range(10):
+        url, name = await postgres.fresh_database()
+        try:
+            servers = [node(tmp_path / f"round{round_}", f"r{round_}n{i}", url, redis_server.url) for i in (1, 2, 3)]
+            (tmp_path / f"round{round_}").mkdir()
+            begun = time.monotonic()
+            async with running(servers) as nodes:  # each start waits for /healthz 200
+                started.append(time.monotonic() - begun)
+                assert await statuses(nodes) == ["ok"] * 3
+            conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+            try:
+                assert await conn.fetch("SELECT version_num FROM alembic_version") == [(head(),)]
+                found = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                assert sorted(r["tablename"] for r in found) == sorted(tables)
+            finally:
+                await conn.close()
+            for n in servers:
+                assert "duplicate key" not in n.log(), n.log_tail()
+                assert "Traceback" not in n.log(), n.log_tail()
+        finally:
+            await postgres.drop_database(name)
+    print(f"\n[three nodes at once on an empty database] all healthy in {', '.join(f'{s:.2f}' for s in started)} s")

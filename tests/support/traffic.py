@@ -35,6 +35,9 @@ class Sent:
     server_msg_id: int
     recipients: frozenset[str]
     at: float
+    """When the ack came (monotonic)."""
+    took: float
+    """From the call to ``send`` to its ack."""
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Traffic:
         n = 0
         while self._sending.is_set():
             n += 1
+            begun = loop.time()
             try:
                 if n % 4 == 0:
                     ack = await member.client.send_to_group(self.group, f"{member.user} to all #{n}")
@@ -100,7 +104,8 @@ class Traffic:
             except ChatError as exc:
                 self.refused.append((member.user, exc))
                 continue
-            self.acked.append(Sent(member.user, ack.client_msg_id, ack.server_msg_id, recipients, loop.time()))
+            now = loop.time()
+            self.acked.append(Sent(member.user, ack.client_msg_id, ack.server_msg_id, recipients, now, now - begun))
             await asyncio.sleep(self.pause)
 
     async def _read_loop(self, member: Member) -> None:
