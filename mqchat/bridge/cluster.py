@@ -20,10 +20,12 @@ Redis broker:
   in Lua, so a user spreading devices over nodes gets no extra rate.
 
 Redis pub/sub drops what is published while a connection is down. Every loss is repaired
-by the per-device cursor: after any reconnect of its subscription a node re-runs catch-up
-for all its devices and wakes its long-polls; a node that could not publish some users'
-events tells the others to re-read those users once it is back; and a probe through the
-node's own subscription notices a subscription that died silently. While Redis is down
+by the per-device cursor: after any reconnect of its subscription (or once the heartbeat
+finds Redis answering again after a failure) a node re-runs catch-up for all its devices and
+wakes its long-polls; a node that could not publish some users' events tells the others to
+re-read those users once it is back; and a probe through the node's own subscription notices
+a subscription that died silently. Presence is rebuilt the same way: the node records the
+devices it holds again (``rejoin``), since Redis may have restarted empty or missed changes. While Redis is down
 sends are still stored and acked (the store does not need Redis), limits fall back to
 this node's own counts, and the node reports itself degraded.
 """
