@@ -25,9 +25,9 @@ finds Redis answering again after a failure) a node re-runs catch-up for all its
 wakes its long-polls; a node that could not publish some users' events tells the others to
 re-read those users once it is back; and a probe through the node's own subscription notices
 a subscription that died silently. Presence is rebuilt the same way: the node records the
-devices it holds again (``rejoin``), since Redis may have restarted empty or missed changes. While Redis is down
-sends are still stored and acked (the store does not need Redis), limits fall back to
-this node's own counts, and the node reports itself degraded.
+devices it holds again (``rejoin``), since Redis may have restarted empty or missed changes.
+While Redis is down sends are still stored and acked (the store does not need Redis), limits
+fall back to this node's own counts, and the node reports itself degraded.
 """
 
 from __future__ import annotations
@@ -151,6 +151,25 @@ end
 return 1
 """
 
+# KEYS: devices hash, the node's device set, last-seen key. ARGV: device, node:epoch as read, member,
+# now, node. Removes a device that left this node while Redis could not hear it, if that connection
+# still holds it; keeps the set's member if another connection of it on this node holds it now.
+# Returns devices left (-1: not that connection's any more).
+_FORGET = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held ~= ARGV[2] then
+  if not held or string.sub(held, 1, string.len(ARGV[5]) + 1) ~= ARGV[5] .. ':' then
+    redis.call('SREM', KEYS[2], ARGV[3])
+  end
+  return -1
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[3])
+local left = redis.call('HLEN', KEYS[1])
+if left == 0 then redis.call('SET', KEYS[3], ARGV[4]) end
+return left
+"""
+
 # KEYS: the epoch counter. ARGV: an epoch in use. A Redis that came back empty counts from 1 again;
 # new connections must still be newer than the ones held, or a takeover would not close the old one.
 _EPOCH_FLOOR = """
@@ -267,6 +286,7 @@ class RedisCluster:
                 ("reap", _REAP),
                 ("rejoin", _REJOIN),
                 ("epoch_floor", _EPOCH_FLOOR),
+                ("forget", _FORGET),
                 ("buckets", _BUCKETS),
                 ("new_device", _NEW_DEVICE),
                 ("attempts", _ATTEMPTS),
@@ -647,9 +667,10 @@ class RedisCluster:
         return int(left)
 
     async def rejoin(self, held: dict[DeviceAddress, int]) -> tuple[set[str], set[str]]:
-        """Make Redis's record of this node's devices ``held`` (device -> epoch) again: record the
-        missing ones, remove the ones that left while Redis could not hear it. Returns the users
-        that came online and those that went offline by it. Raises ``Degraded``."""
+        """Make Redis's record of this node's devices ``held`` (device -> epoch; the caller's live
+        map, which devices connecting meanwhile change) again: record the missing ones, remove the
+        ones that left while Redis could not hear it. Returns the users that came online and those
+        that went offline by it. Raises ``Degraded``."""
         came, went = set(), set()
         now = str(time.time())
         try:
@@ -681,15 +702,17 @@ class RedisCluster:
         went = set()
         for member in members:
             user_id, _, device_id = member.partition("\t")
-            if DeviceAddress(user_id, device_id) in held:
-                continue
             value = await self._redis.hget(f"{PREFIX}dev:{user_id}", device_id)
-            if value is None or not _text(value).startswith(self.node_id + ":"):
-                await self._redis.srem(f"{PREFIX}nodedev:{self.node_id}", member)
-                continue
-            left = await self._scripts["unregister"](
+            holder = None if value is None else _text(value)
+            epoch = held.get(DeviceAddress(user_id, device_id))
+            if epoch is not None and holder in (None, f"{self.node_id}:{epoch}"):
+                continue  # held here by that very connection, or its registration is on its way
+            # Not held here (any more): the script removes the entry only if it is still that old
+            # connection of this node's; another node's entry stays (only our set forgets it).
+            ours = holder if holder is not None and holder.startswith(self.node_id + ":") else ""
+            left = await self._scripts["forget"](
                 keys=[f"{PREFIX}dev:{user_id}", f"{PREFIX}nodedev:{self.node_id}", f"{PREFIX}seen:{user_id}"],
-                args=[device_id, _text(value), member, now],
+                args=[device_id, ours, member, now, self.node_id],
             )
             if left == 0:
                 went.add(user_id)

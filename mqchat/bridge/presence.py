@@ -153,7 +153,7 @@ class ClusterPresence:
         """Redis is back: make it record this node's devices again (see ``RedisCluster.rejoin``);
         the presence changes that makes, to publish."""
         try:
-            came, went = await self._cluster.rejoin(dict(self._held))
+            came, went = await self._cluster.rejoin(self._held)  # live: connects meanwhile count
         except Degraded:
             return []  # still unreachable: the next recovery tries again
         now = time.time()

@@ -21,8 +21,11 @@ import asyncpg
 import httpx
 import pytest
 
+from mqchat.bridge.cluster import RedisCluster
 from mqchat.bridge.storage.schema import head
 from mqchat.bridge.tables import METADATA
+from mqchat.config import ClusterSettings
+from mqchat.core.ids import DeviceAddress
 from tests.support import postgres
 from tests.support.accounts import UNLIMITED, http_client
 from tests.support.cluster import RedisProcess, account, device_on, node, running
@@ -363,3 +366,32 @@ async def test_three_nodes_started_at_once_on_an_empty_database_ten_times(
         finally:
             await postgres.drop_database(name)
     print(f"\n[three nodes at once on an empty database] all healthy in {', '.join(f'{s:.2f}' for s in started)} s")
+
+
+async def test_rejoin_records_held_devices_forgets_those_that_left_and_keeps_epochs_increasing(
+    redis_server: RedisProcess,
+) -> None:
+    """What a node does to Redis after a recovery, against a real Redis, case by case."""
+    cluster = RedisCluster(redis_server.url, "n1", ClusterSettings())
+    await cluster.start()
+    redis = redis_server.client()
+    try:
+        ann, bob, cat = DeviceAddress("ann", "phone"), DeviceAddress("bob", "laptop"), DeviceAddress("cat", "tab")
+        assert (await cluster.register(cat, 7, 10))[0]  # then cat left while Redis could not hear it
+        await redis.hset("mqchat:dev:dan", "pc", "n2:99")  # another node's device: none of n1's business
+        came, went = await cluster.rejoin({ann: 41, bob: 42})  # Redis lost ann's, never heard of bob's
+        assert (came, went) == ({"ann", "bob"}, {"cat"})
+        assert [(await cluster.presence(u))[0] for u in ("ann", "bob", "cat", "dan")] == [True, True, False, True]
+        assert await cluster.next_epoch() == 43  # a restarted Redis counted from 1: now above every held one
+        # A newer connection of ann's phone on another node is not overwritten by the older one here.
+        await redis.hset("mqchat:dev:ann", "phone", "n2:100")
+        assert await cluster.rejoin({ann: 41, bob: 42}) == (set(), set())
+        assert await redis.hget("mqchat:dev:ann", "phone") == b"n2:100"
+        # Devices held here are recorded again whatever Redis lost of them, and none is forgotten.
+        await redis.hdel("mqchat:dev:bob", "laptop")
+        await redis.srem("mqchat:nodedev:n1", "bob\tlaptop")
+        assert await cluster.rejoin({bob: 42, DeviceAddress("eve", "phone"): 50}) == ({"bob", "eve"}, set())
+        assert await redis.smembers("mqchat:nodedev:n1") == {b"eve\tphone", b"bob\tlaptop"}
+    finally:
+        await redis.aclose()
+        await cluster.stop()
