@@ -175,6 +175,8 @@ class ChatService:
         self.fanout.on_group_changed = self.groups.forget
         self.presence: PresenceBook = LocalPresence() if cluster is None else ClusterPresence(cluster)
         self.fanout.on_presence = self.presence.note
+        if cluster is not None:
+            cluster.on_rejoin = self._rejoin_cluster
         self._typing = TypingThrottle(settings.typing_interval_seconds)
         self._metrics.watch_chat(self._queue.qsize, settings.queue_size, self.notifier.waiting)
 
@@ -503,6 +505,13 @@ class ChatService:
         changed = await self.presence.disconnected(device, epoch, replaced=replaced)
         if changed is not None:
             self.fanout.presence(changed)
+
+    async def _rejoin_cluster(self) -> None:
+        """Redis is reachable again: it records this node's devices again; publish what that
+        changed (users it had lost come online again everywhere)."""
+        if isinstance(self.presence, ClusterPresence):
+            for changed in await self.presence.rejoin():
+                self.fanout.presence(changed)
 
     async def presence_of(self, viewer: str, user_id: str) -> Presence:
         if not await self._store.are_contacts(viewer, user_id):

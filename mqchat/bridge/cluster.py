@@ -20,12 +20,14 @@ Redis broker:
   in Lua, so a user spreading devices over nodes gets no extra rate.
 
 Redis pub/sub drops what is published while a connection is down. Every loss is repaired
-by the per-device cursor: after any reconnect of its subscription a node re-runs catch-up
-for all its devices and wakes its long-polls; a node that could not publish some users'
-events tells the others to re-read those users once it is back; and a probe through the
-node's own subscription notices a subscription that died silently. While Redis is down
-sends are still stored and acked (the store does not need Redis), limits fall back to
-this node's own counts, and the node reports itself degraded.
+by the per-device cursor: after any reconnect of its subscription (or once the heartbeat
+finds Redis answering again after a failure) a node re-runs catch-up for all its devices and
+wakes its long-polls; a node that could not publish some users' events tells the others to
+re-read those users once it is back; and a probe through the node's own subscription notices
+a subscription that died silently. Presence is rebuilt the same way: the node records the
+devices it holds again (``rejoin``), since Redis may have restarted empty or missed changes.
+While Redis is down sends are still stored and acked (the store does not need Redis), limits
+fall back to this node's own counts, and the node reports itself degraded.
 
 Behind Sentinel (``redis+sentinel://``, mqchat/bridge/redis_client.py) a failover is one more
 broken link: the old master's connections break (it died) or answer ``READONLY`` (it was
@@ -137,6 +139,50 @@ if left == 0 then redis.call('SET', KEYS[2], ARGV[3]) end
 return left
 """
 
+# KEYS: devices hash, the node's device set, last-seen key. ARGV: device, node:epoch, epoch, member,
+# now. Records again a device this node holds (Redis came back empty, or a survivor reaped this node
+# while it was cut off), unless a newer connection of it holds it elsewhere; no limit: it is
+# connected already. Returns 0 if the user came online with it, 1 if not, -1 if a newer one holds it.
+_REJOIN = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held == ARGV[2] then return 1 end
+if held and (tonumber(string.match(held, ':(%d+)$')) or 0) > tonumber(ARGV[3]) then return -1 end
+local before = redis.call('HLEN', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[4])
+if before == 0 then
+  redis.call('SET', KEYS[3], ARGV[5])
+  return 0
+end
+return 1
+"""
+
+# KEYS: devices hash, the node's device set, last-seen key. ARGV: device, node:epoch as read, member,
+# now, node. Removes a device that left this node while Redis could not hear it, if that connection
+# still holds it; keeps the set's member if another connection of it on this node holds it now.
+# Returns devices left (-1: not that connection's any more).
+_FORGET = """
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if held ~= ARGV[2] then
+  if not held or string.sub(held, 1, string.len(ARGV[5]) + 1) ~= ARGV[5] .. ':' then
+    redis.call('SREM', KEYS[2], ARGV[3])
+  end
+  return -1
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('SREM', KEYS[2], ARGV[3])
+local left = redis.call('HLEN', KEYS[1])
+if left == 0 then redis.call('SET', KEYS[3], ARGV[4]) end
+return left
+"""
+
+# KEYS: the epoch counter. ARGV: an epoch in use. A Redis that came back empty counts from 1 again;
+# new connections must still be newer than the ones held, or a takeover would not close the old one.
+_EPOCH_FLOOR = """
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+return 1
+"""
+
 # KEYS: one bucket per key. ARGV: now, then rate, burst for each key, then the number of
 # requests, then for each request the indexes (1-based) of its buckets, 0-terminated.
 # A request passes only if every one of its buckets has a token; returns, per request, 0
@@ -221,6 +267,11 @@ class Degraded(Exception):
 Handler = Callable[[list[tuple[str, bytes]]], None]
 ControlHandler = Callable[[dict[str, Any]], None]
 ResyncHandler = Callable[[set[str] | None], None]
+RejoinHandler = Callable[[], Awaitable[None]]
+
+
+async def _nothing_to_rejoin() -> None:
+    return None
 
 
 class RedisCluster:
@@ -239,6 +290,9 @@ class RedisCluster:
                 ("register", _REGISTER),
                 ("unregister", _UNREGISTER),
                 ("reap", _REAP),
+                ("rejoin", _REJOIN),
+                ("epoch_floor", _EPOCH_FLOOR),
+                ("forget", _FORGET),
                 ("buckets", _BUCKETS),
                 ("new_device", _NEW_DEVICE),
                 ("attempts", _ATTEMPTS),
@@ -257,6 +311,7 @@ class RedisCluster:
         self._background: set[asyncio.Future[None]] = set()
         self._subscribed = False
         self._healthy = False
+        self._recovery_due = False
         self._stopping = False
         self._following = False
         self._resubscribing = asyncio.Lock()
@@ -265,6 +320,7 @@ class RedisCluster:
         self.on_events: Handler = lambda items: None
         self.on_control: ControlHandler = lambda message: None
         self.on_resync: ResyncHandler = lambda users: None
+        self.on_rejoin: RejoinHandler = _nothing_to_rejoin
         self.reconnects = 0
 
     # ------------------------------------------------------------- lifecycle
@@ -472,6 +528,10 @@ class RedisCluster:
     def _after_reconnect(self) -> None:
         # Whatever was published while we were away may be lost: our devices and long-polls
         # read their streams again; and the others re-read the users we could not publish for.
+        # What Redis knows of our devices may be gone too (it restarted empty, or a survivor
+        # reaped us): record them again, and forget those that left while it could not hear.
+        self._recovery_due = False
+        self._spawn(self.on_rejoin())
         self.on_resync(None)
         if self._unsent_everyone:
             self.control("resync", users=None)
@@ -501,6 +561,9 @@ class RedisCluster:
         if self._healthy:
             log.warning("cluster: %s; degraded until Redis answers again", why)
         self._healthy = False
+        # Whatever failed (a publish, an unregister, the subscription's bytes) may have been lost
+        # even if the subscription itself survives: recover as after a reconnect.
+        self._recovery_due = True
         if isinstance(exc, ReadOnlyError) and not self._following and not self._stopping and self._tasks:
             # The server we write to was demoted to a replica (a failover): our subscription is
             # most likely on it too, where the others no longer publish. Start over on the master.
@@ -550,6 +613,9 @@ class RedisCluster:
                 await self._redis.sadd(PREFIX + "nodes", self.node_id)
                 if self._subscribed:
                     self._healthy = True
+                    if self._recovery_due:
+                        log.warning("cluster: Redis answers again: reading every stream again")
+                        self._after_reconnect()
                 await self._check_master()
                 await self._reap_dead_nodes()
             except (RedisError, OSError, TimeoutError) as exc:
@@ -662,6 +728,58 @@ class RedisCluster:
             raise Degraded from exc
         return int(left)
 
+    async def rejoin(self, held: dict[DeviceAddress, int]) -> tuple[set[str], set[str]]:
+        """Make Redis's record of this node's devices ``held`` (device -> epoch; the caller's live
+        map, which devices connecting meanwhile change) again: record the missing ones, remove the
+        ones that left while Redis could not hear it. Returns the users that came online and those
+        that went offline by it. Raises ``Degraded``."""
+        came, went = set(), set()
+        now = str(time.time())
+        try:
+            devices = list(held.items())
+            if devices:
+                await self._scripts["epoch_floor"](keys=[PREFIX + "epoch"], args=[max(e for _, e in devices)])
+            for start in range(0, len(devices), 500):
+                chunk = devices[start : start + 500]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for device, epoch in chunk:
+                        user = device.user_id
+                        await self._scripts["rejoin"](
+                            keys=[f"{PREFIX}dev:{user}", f"{PREFIX}nodedev:{self.node_id}", f"{PREFIX}seen:{user}"],
+                            args=[device.device_id, f"{self.node_id}:{epoch}", epoch, _member(device), now],
+                            client=pipe,
+                        )
+                    results = await pipe.execute()
+                came |= {device.user_id for (device, _), result in zip(chunk, results, strict=True) if result == 0}
+            went = await self._forget_left(held, now)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._broken(f"registering this node's devices again failed: {exc!r}")
+            raise Degraded from exc
+        return came, went - {device.user_id for device in held}
+
+    async def _forget_left(self, held: dict[DeviceAddress, int], now: str) -> set[str]:
+        """Unregister the devices Redis has on this node that are not ``held`` (they disconnected
+        while Redis could not hear it); the users left without a device."""
+        members = [_text(member) for member in await self._redis.smembers(f"{PREFIX}nodedev:{self.node_id}")]
+        went = set()
+        for member in members:
+            user_id, _, device_id = member.partition("\t")
+            value = await self._redis.hget(f"{PREFIX}dev:{user_id}", device_id)
+            holder = None if value is None else _text(value)
+            epoch = held.get(DeviceAddress(user_id, device_id))
+            if epoch is not None and holder in (None, f"{self.node_id}:{epoch}"):
+                continue  # held here by that very connection, or its registration is on its way
+            # Not held here (any more): the script removes the entry only if it is still that old
+            # connection of this node's; another node's entry stays (only our set forgets it).
+            ours = holder if holder is not None and holder.startswith(self.node_id + ":") else ""
+            left = await self._scripts["forget"](
+                keys=[f"{PREFIX}dev:{user_id}", f"{PREFIX}nodedev:{self.node_id}", f"{PREFIX}seen:{user_id}"],
+                args=[device_id, ours, member, now, self.node_id],
+            )
+            if left == 0:
+                went.add(user_id)
+        return went
+
     async def presence(self, user_id: str) -> tuple[bool, float | None]:
         """(online anywhere, last seen as a UNIX time)."""
         try:
@@ -699,6 +817,11 @@ class RedisCluster:
                     index[bucket.key] = len(keys)
                 plan.append(index[bucket.key])
             plan.append(0)
+        if self._serving and not self._healthy:
+            # Known unreachable: the node's own buckets at once. Asking would hold every send of
+            # the batch for the client's timeout (about 4 s a batch over a silent link, measured in
+            # tests/cluster/test_redis_faults.py); the heartbeat tells when Redis is back.
+            raise Degraded("Redis is unreachable")
         try:
             waits = await self._scripts["buckets"](keys=keys, args=[time.time(), *params, len(requests), *plan])
         except (RedisError, OSError, TimeoutError) as exc:

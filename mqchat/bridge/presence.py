@@ -116,15 +116,21 @@ class ClusterPresence:
         # Users online anywhere, as the presence changes of every node announce them: what the
         # push hook needs at once, without a round trip to Redis inside a transaction.
         self._online: set[str] = set()
+        # The connection (epoch) of each device held here, changed before Redis is told: what
+        # ``rejoin`` makes Redis record again after it lost it or missed a change.
+        self._held: dict[DeviceAddress, int] = {}
 
     async def connected(self, device: DeviceAddress, epoch: int, limit: int) -> tuple[bool, Presence | None]:
         local = self._local.connected(device)
+        self._held[device] = epoch
         try:
             allowed, before = await self._cluster.register(device, epoch, limit)
         except Degraded:
             return True, local
         if not allowed:
             self._local.disconnected(device)
+            if self._held.get(device) == epoch:
+                del self._held[device]
             return False, None
         self._online.add(device.user_id)
         return True, (_presence(device.user_id, "online", time.time()) if before == 0 else None)
@@ -132,6 +138,8 @@ class ClusterPresence:
     async def disconnected(self, device: DeviceAddress, epoch: int, *, replaced: bool) -> Presence | None:
         # Redis removes the device only if this connection (epoch) still holds it.
         local = None if replaced else self._local.disconnected(device)
+        if self._held.get(device) == epoch:  # not if a newer connection of it is here
+            del self._held[device]
         try:
             left = await self._cluster.unregister(device, epoch)
         except Degraded:
@@ -140,6 +148,20 @@ class ClusterPresence:
             self._online.discard(device.user_id)
             return _presence(device.user_id, "offline", time.time())
         return None
+
+    async def rejoin(self) -> list[Presence]:
+        """Redis is back: make it record this node's devices again (see ``RedisCluster.rejoin``);
+        the presence changes that makes, to publish."""
+        try:
+            came, went = await self._cluster.rejoin(self._held)  # live: connects meanwhile count
+        except Degraded:
+            return []  # still unreachable: the next recovery tries again
+        now = time.time()
+        self._online |= came
+        self._online -= went
+        return [_presence(user, "online", now) for user in sorted(came)] + [
+            _presence(user, "offline", now) for user in sorted(went)
+        ]
 
     async def of(self, user_id: str) -> Presence:
         try:
