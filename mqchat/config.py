@@ -37,6 +37,11 @@ class MqttSettings(_Section):
     port: int = Field(default=1883, ge=0, le=65535)
     ws_port: int = Field(default=8083, ge=0, le=65535)
     """MQTT over WebSocket; any path works, browsers conventionally use /mqtt."""
+    public_ws_port: int | None = Field(default=None, ge=1, le=65535)
+    """The WebSocket port browsers are told to use (``GET /v1/client-config``) when it is not
+    the one this node listens on: behind a load balancer, the balancer's port."""
+    public_wss_port: int | None = Field(default=None, ge=1, le=65535)
+    """The same for MQTT over secure WebSocket."""
     max_payload_bytes: int = Field(default=64 * 1024, ge=1024)
 
 

@@ -290,7 +290,9 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
             collector = asyncio.create_task(services.files.run_collector(), name="mqchat-files-gc")
             try:
                 # The browser page learns the bound ports (they differ from the settings with port 0).
-                client_config = ClientConfig(ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss"))
+                client_config = ClientConfig.advertised(
+                    settings, ws_port=broker.bound_port("ws"), wss_port=broker.bound_port("wss")
+                )
                 async with contextlib.AsyncExitStack() as stack:
                     for name, sock in http_socks.items():
                         if name == "metrics":

@@ -42,6 +42,8 @@ if [[ -z ${MQCHAT_AUTH__SECRET:-} ]]; then
     MQCHAT_AUTH__SECRET=$(cat "$state/secret")
 fi
 export MQCHAT_AUTH__SECRET
+# The browser page (served by whichever node HAProxy picks) connects to HAProxy's WebSocket port.
+export MQCHAT_MQTT__PUBLIC_WS_PORT=${MQCHAT_LB_WS_PORT:-12002}
 
 pids=()
 stop() {

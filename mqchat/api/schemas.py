@@ -239,7 +239,18 @@ class ClientConfig(BaseModel):
     def of(cls, settings: Settings) -> ClientConfig:
         """The configured ports (the runner passes the bound ones instead, which differ for port 0)."""
         tls = settings.tls
-        return cls(
+        return cls.advertised(
+            settings,
             ws_port=settings.mqtt.ws_port if tls.plain_listeners else None,
             wss_port=tls.wss_port if tls.enabled else None,
+        )
+
+    @classmethod
+    def advertised(cls, settings: Settings, *, ws_port: int | None, wss_port: int | None) -> ClientConfig:
+        """The ports a browser should use: this node's own, unless ``mqtt.public_ws_port`` /
+        ``public_wss_port`` name a load balancer's (a listener that does not run stays null)."""
+        mqtt = settings.mqtt
+        return cls(
+            ws_port=mqtt.public_ws_port or ws_port if ws_port is not None else None,
+            wss_port=mqtt.public_wss_port or wss_port if wss_port is not None else None,
         )

@@ -57,3 +57,11 @@ def test_client_config_defaults_to_the_configured_ports(tmp_path: Path) -> None:
         None, data_dir=tmp_path, tls={"certfile": cert, "keyfile": key, "wss_port": 9443, "plain_listeners": False}
     )
     assert ClientConfig.of(tls_only) == ClientConfig(ws_port=None, wss_port=9443)
+
+
+def test_behind_a_load_balancer_the_page_is_told_the_balancers_websocket_port(tmp_path: Path) -> None:
+    settings = Settings.load(None, data_dir=tmp_path, mqtt={"ws_port": 0, "public_ws_port": 12002})
+    # The node listens on whatever it bound; browsers go through the balancer.
+    assert ClientConfig.advertised(settings, ws_port=41234, wss_port=None) == ClientConfig(ws_port=12002, wss_port=None)
+    # A listener that does not run is not advertised, whatever the setting says.
+    assert ClientConfig.advertised(settings, ws_port=None, wss_port=None) == ClientConfig(ws_port=None, wss_port=None)
