@@ -81,6 +81,8 @@ async def cluster(tmp_path: Path, database: str, idle_timeout: float | None) -> 
     await redis_server.start()
     # All accounts come from one address (the test, through HAProxy).
     env = {"MQCHAT_AUTH__REGISTRATIONS_PER_IP_PER_HOUR": "1000"}
+    # As config/cluster/n1.toml: the client address is the one HAProxy forwards.
+    env |= {"MQCHAT_HTTP__TRUSTED_PROXIES": '["127.0.0.1"]', "MQCHAT_AUTH__LOGIN_MAX_FAILURES_PER_IP": "3"}
     if idle_timeout is not None:
         env["MQCHAT_DATABASE__IDLE_IN_TRANSACTION_TIMEOUT_SECONDS"] = str(idle_timeout)
     servers = [node(tmp_path, name, database, redis_server.url, env) for name in ("n1", "n2", "n3")]
@@ -318,3 +320,20 @@ async def test_every_frontend_of_the_shipped_config_reaches_the_nodes(cluster: C
         history = await http.get("/v1/sync", params={"since_seq": 0})
         assert history.status_code == 200, history.text
         assert [e.get("content") for e in history.json()["events"]] == ["over websocket, through haproxy"]
+
+
+async def test_behind_haproxy_failed_logins_count_per_client_address_not_per_proxy(cluster: Cluster) -> None:
+    """The HTTP frontend forwards the client's address: one client's failed logins do not lock
+    out every other client of the same HAProxy (whose own address every request comes from)."""
+
+    async def failed_login(source: str, user: str) -> int:
+        transport = httpx.AsyncHTTPTransport(local_address=source)
+        async with httpx.AsyncClient(
+            transport=transport, base_url=f"http://127.0.0.1:{cluster.proxy.http_port}"
+        ) as http:
+            answer = await http.post("/v1/token", json={"user_id": user, "password": "not the password"})
+            return answer.status_code
+
+    guesses = [await failed_login("127.0.0.2", f"guess{i}") for i in range(4)]
+    assert guesses == [401, 401, 401, 429]  # 127.0.0.2 reached login_max_failures_per_ip (3)
+    assert await failed_login("127.0.0.3", "someone") == 401  # another client is not held back
