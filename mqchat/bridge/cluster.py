@@ -701,9 +701,19 @@ class RedisCluster:
 
     # ------------------------------------------------------- devices, presence
 
+    def _fail_fast(self) -> None:
+        """Known unreachable: the caller falls back to this node's own knowledge at once.
+        Asking would hold each call for the client's timeouts (about 4 s a send batch over a
+        silent link, measured in tests/cluster/test_redis_faults.py; a connecting device makes
+        three such calls). The heartbeat tells when Redis is back, and the recovery records
+        again what was skipped meanwhile (``rejoin``)."""
+        if self._serving and not self._healthy:
+            raise Degraded("Redis is unreachable")
+
     async def register(self, device: DeviceAddress, epoch: int, limit: int) -> tuple[bool, int]:
         """Record the device as connected here, unless the user has ``limit`` other devices
         connected anywhere; (allowed, devices the user had before). Raises ``Degraded``."""
+        self._fail_fast()
         try:
             user = device.user_id
             allowed, before = await self._scripts["register"](
@@ -717,6 +727,7 @@ class RedisCluster:
 
     async def unregister(self, device: DeviceAddress, epoch: int) -> int:
         """Devices the user still has connected (-1: a newer connection holds this device)."""
+        self._fail_fast()
         try:
             user = device.user_id
             left = await self._scripts["unregister"](
@@ -782,6 +793,7 @@ class RedisCluster:
 
     async def presence(self, user_id: str) -> tuple[bool, float | None]:
         """(online anywhere, last seen as a UNIX time)."""
+        self._fail_fast()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hlen(f"{PREFIX}dev:{user_id}")
@@ -794,6 +806,7 @@ class RedisCluster:
 
     async def next_epoch(self) -> int:
         """A cluster-wide increasing number: the newer of two connections of a client id wins."""
+        self._fail_fast()
         try:
             return int(await self._redis.incr(PREFIX + "epoch"))
         except (RedisError, OSError, TimeoutError) as exc:
@@ -817,11 +830,7 @@ class RedisCluster:
                     index[bucket.key] = len(keys)
                 plan.append(index[bucket.key])
             plan.append(0)
-        if self._serving and not self._healthy:
-            # Known unreachable: the node's own buckets at once. Asking would hold every send of
-            # the batch for the client's timeout (about 4 s a batch over a silent link, measured in
-            # tests/cluster/test_redis_faults.py); the heartbeat tells when Redis is back.
-            raise Degraded("Redis is unreachable")
+        self._fail_fast()
         try:
             waits = await self._scripts["buckets"](keys=keys, args=[time.time(), *params, len(requests), *plan])
         except (RedisError, OSError, TimeoutError) as exc:
@@ -830,6 +839,7 @@ class RedisCluster:
         return [float(wait) for wait in waits]
 
     async def admit_new_device(self, device: DeviceAddress, limit: int, window: float) -> bool:
+        self._fail_fast()
         try:
             return bool(
                 await self._scripts["new_device"](
@@ -844,6 +854,7 @@ class RedisCluster:
         """Count one attempt under every ``(key, limit)`` in a sliding ``window``, if each has room;
         else the wait before one more may be made. Raises ``Degraded``."""
         keys = [PREFIX + "at:" + key for key, _ in limits]
+        self._fail_fast()
         try:
             wait = await self._scripts["attempts"](
                 keys=keys, args=[time.time(), window, member, *(limit for _, limit in limits)]
