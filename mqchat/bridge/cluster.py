@@ -311,6 +311,7 @@ class RedisCluster:
         self._background: set[asyncio.Future[None]] = set()
         self._subscribed = False
         self._healthy = False
+        self._resubscribe_pending = False
         self._recovery_due = False
         self._stopping = False
         self._following = False
@@ -377,13 +378,20 @@ class RedisCluster:
             return
         if not self._subscribed:
             return  # subscribed with all the others on reconnect, then a resync
+        if self._serving and not self._healthy:
+            # Known unreachable: asking would hold this SUBSCRIBE for redis-py's retries of a
+            # silent link (past a client's 10 s). A new subscription takes every watched
+            # channel, this one included, and the catch-up after it covers the gap.
+            self._request_resubscribe()
+            return
         waiter = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = waiter
         try:
-            await self._pubsub.subscribe(channel)
+            await asyncio.wait_for(self._pubsub.subscribe(channel), _REDIS_TIMEOUT)
             await asyncio.wait_for(asyncio.shield(waiter), _REDIS_TIMEOUT)
         except (RedisError, OSError, TimeoutError) as exc:
             self._broken(f"subscribing to {channel} failed: {exc!r}", exc)
+            self._request_resubscribe()  # the channel is not on the subscription we have
         finally:
             if self._confirmations.get(channel) is waiter and waiter.done():
                 del self._confirmations[channel]
@@ -582,6 +590,20 @@ class RedisCluster:
         or DNS behind a plain URL) instead of reusing a link to a demoted server."""
         with contextlib.suppress(RedisError, OSError):
             await self._redis.connection_pool.disconnect()
+
+    def _request_resubscribe(self) -> None:
+        """A new subscription soon, once however often it is asked for meanwhile."""
+        if self._stopping or self._resubscribe_pending or not self._tasks:
+            return
+        self._resubscribe_pending = True
+
+        async def resubscribe() -> None:
+            try:
+                await self._resubscribe()
+            finally:
+                self._resubscribe_pending = False
+
+        self._spawn(resubscribe())
 
     async def _resubscribe(self) -> None:
         """Replace the subscription (and its reader) with a new one on the current master; the
