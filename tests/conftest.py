@@ -18,6 +18,7 @@ from hypothesis import settings as hypothesis_settings
 from mqchat.config import Settings
 from mqchat.runner import RunningServer, run_server
 from tests.support import postgres
+from tests.support.logthrottles import reset_log_throttles
 
 pytest_plugins = ["tests.support.browser"]
 
@@ -69,3 +70,9 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 async def server(settings: Settings) -> AsyncIterator[RunningServer]:
     async with run_server(settings) as running:
         yield running
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_throttles() -> None:
+    """In-process servers share the log throttles: each test starts with none spent."""
+    reset_log_throttles()

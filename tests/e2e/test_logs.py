@@ -28,6 +28,7 @@ from tests.security.raw import CONNACK_ACCEPTED, connect, raw_client, subscribe
 from tests.support.accounts import UNLIMITED, http_client, register
 from tests.support.devices import connect_device
 from tests.support.faults import fill, small_disk
+from tests.support.logthrottles import reset_log_throttles
 
 CLIENT_SIDE = ("httpx", "httpcore", "aiomqtt", "paho", "websockets.client", "asyncio")
 """Loggers of the test's own clients, not of the server."""
@@ -47,6 +48,7 @@ async def test_a_refused_connect_is_logged_once(server: RunningServer, caplog: p
     ]
     for client_id, username, password, code in refusals:
         caplog.clear()
+        reset_log_throttles()  # one line per refusal, not one per 10 s of them (that is the throttle's test)
         async with raw_client(server.mqtt_port or 0) as client:
             await client.send(connect(client_id, username, password))
             assert (await client.read_packet())[3] == code

@@ -14,11 +14,11 @@ import pytest
 from mqchat.config import Settings
 from mqchat.core import mqtt
 from mqchat.core.mqtt import Connack, Connect, Publish, Pubrec, Pubrel, Suback, Subscribe, Will
-from mqchat.logthrottle import LogThrottle, ThrottleFilter
 from mqchat.runner import RunningServer
 from tests.security.raw import RawClient, field, packet, raw_client
 from tests.support.accounts import UNLIMITED, http_client, register
 from tests.support.devices import connect_device
+from tests.support.logthrottles import reset_log_throttles
 
 NOT_AUTHORIZED = Connack(False, mqtt.NOT_AUTHORIZED)
 
@@ -104,9 +104,7 @@ async def test_refused_connects_are_logged_once_per_kind_per_interval(
     """The attack re-run made 900-1,400 refusal lines a second from one token (issue 10)."""
     alice = await register(server, "alice")
     will = Will("chat/user/bob", b"forged", 1, False)
-    for throttle in logging.getLogger("mqchat.broker.server").filters:
-        if isinstance(throttle, ThrottleFilter):  # module-wide: earlier tests' lines count too
-            throttle.throttle = LogThrottle(throttle.throttle.interval)
+    reset_log_throttles()  # per process: earlier refusals in this test's server count too
     with caplog.at_level(logging.WARNING, logger="mqchat.broker.server"):
         for _ in range(30):
             async with raw_client(port(server)) as raw:
