@@ -22,7 +22,6 @@ import pytest
 
 from mqchat.clients import ChatClient
 from mqchat.core.protocol import NewMessage
-from tests.support import postgres
 from tests.support.cluster import RedisProcess, node, running
 from tests.support.haproxy import HAProxyProcess
 from tests.support.processes import ServerProcess
@@ -58,15 +57,6 @@ class Cluster:
     redis: RedisProcess
     nodes: Sequence[ServerProcess]
     proxy: HAProxyProcess
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    url, name = await postgres.fresh_database()
-    try:
-        yield url
-    finally:
-        await postgres.drop_database(name)
 
 
 @pytest.fixture

@@ -10,31 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import postgres
 from tests.support.accounts import http_client
 from tests.support.cluster import RedisProcess, account, device_on, node, running, send_command
 from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    url, name = await postgres.fresh_database()
-    try:
-        yield url
-    finally:
-        await postgres.drop_database(name)
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisProcess]:
-    server = RedisProcess(tmp_path / "redis")
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
 
 
 @pytest.fixture

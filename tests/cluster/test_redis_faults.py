@@ -40,25 +40,6 @@ LIMITS = {f"MQCHAT_LIMITS__{key.upper()}": str(value) for key, value in UNLIMITE
 OUTAGE = 3.0
 
 
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    url, name = await postgres.fresh_database()
-    try:
-        yield url
-    finally:
-        await postgres.drop_database(name)
-
-
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisProcess]:
-    server = RedisProcess(tmp_path / "redis")
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
-
-
 # ------------------------------------------------------------------ the cluster under test
 
 

@@ -29,7 +29,6 @@ import redis.asyncio as redis
 from mqchat.clients import ChatClient
 from mqchat.core.protocol import NewMessage
 from tests.clients.support import client_for
-from tests.support import postgres
 from tests.support.cluster import account, device_on, node, running, send_command
 from tests.support.devices import Device
 from tests.support.processes import ServerProcess
@@ -40,15 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres, pytest.
 SEND_PAUSE = 0.1  # between one client's sends: a steady trickle, not a load test
 PROBE_PAUSE = 0.25
 PAIRS = (("alice", "bob"), ("carol", "dave"))  # the first of each pair on n1, the second on n2
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    url, name = await postgres.fresh_database()
-    try:
-        yield url
-    finally:
-        await postgres.drop_database(name)
 
 
 @pytest.fixture
