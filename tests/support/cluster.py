@@ -8,7 +8,7 @@ import contextlib
 import json
 import shutil
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,21 @@ from tests.support.processes import ServerProcess
 from tests.support.services import service_missing
 
 REDIS_SERVER = shutil.which("redis-server")
+
+
+async def until_answering(client: redis.Redis, timeout: float, check: Callable[[], None] | None = None) -> None:
+    """Ping until the server answers (``check`` raises if waiting is pointless); closes ``client``."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if check is not None:
+                    check()
+                with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                    if await client.ping():
+                        return
+                await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
 
 
 class RedisProcess:
@@ -47,16 +62,7 @@ class RedisProcess:
                 REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(self._workdir), stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
-        client = redis.Redis.from_url(self.url)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    with contextlib.suppress(redis.ConnectionError):
-                        if await client.ping():
-                            return
-                    await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
+        await until_answering(redis.Redis.from_url(self.url), 10)
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

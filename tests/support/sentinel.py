@@ -17,6 +17,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from tests.support.cluster import until_answering
 from tests.support.ports import free_port
 from tests.support.services import service_missing
 
@@ -44,17 +45,10 @@ class _Daemon:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2)
 
     async def wait_answering(self, timeout: float = 10) -> None:
-        client = self.client()
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    assert self.proc is not None and self.proc.returncode is None, f"{self.name} exited: see its log"
-                    with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                        if await client.ping():
-                            return
-                    await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
+        def alive() -> None:
+            assert self.proc is not None and self.proc.returncode is None, f"{self.name} exited: see its log"
+
+        await until_answering(self.client(), timeout, alive)
 
     async def kill(self) -> None:
         """SIGKILL: no goodbye to clients, replicas or Sentinels."""
