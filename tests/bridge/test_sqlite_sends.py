@@ -103,3 +103,18 @@ async def _run(path: Path, *, raw: bool) -> tuple[list[Any], dict[str, list[Any]
         return _renamed((answers, _rows(path)), group.group_id)
     finally:
         await store.close()
+
+
+async def test_every_connection_gets_the_page_cache_and_checkpoint_size(tmp_path: Path) -> None:
+    """The writer's own ``sqlite3`` connection and SQLAlchemy's pool are set up alike."""
+    from mqchat.bridge.storage.database import SQLITE_CACHE_KIB, SQLITE_CHECKPOINT_PAGES
+
+    store = await _store(tmp_path / "pragmas.db", raw=True)
+
+    def read(execute: Any) -> tuple[int, int]:
+        return (execute("PRAGMA cache_size").fetchone()[0], execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+    raw = await store.db.run_raw("pragmas", lambda conn: read(conn.execute))  # type: ignore[attr-defined]
+    pooled = await store.db.run("pragmas", lambda conn: read(conn.exec_driver_sql))
+    assert raw == pooled == (-SQLITE_CACHE_KIB, SQLITE_CHECKPOINT_PAGES)
+    await store.close()
