@@ -270,10 +270,8 @@ class _BatchWriter:
         stored = [row_to_message(_Row(row)) for row in self._sql.insert_messages(rows)]
         outcomes = []
         for message, (_, _, audience), user_seqs in zip(stored, fresh, seqs, strict=True):
-            before = len(self._streams.emitted)
-            for user, seq in zip(audience, user_seqs, strict=True):
-                self._streams.add_message_entry(user, seq, message)
-            outcomes.append(SendOutcome(message, False, tuple(self._streams.emitted[before:])))
+            events = self._streams.add_message_entries(message, audience, user_seqs)
+            outcomes.append(SendOutcome(message, False, events))
         if self._push_hook is not None:
             self._queue_pushes(self._push_hook, stored, [audience for _, _, audience in fresh])
         return outcomes

@@ -1,0 +1,36 @@
+"""The per-stream copy of a message event (``with_seq``) is the event pydantic's copy makes."""
+
+from __future__ import annotations
+
+from mqchat.bridge.storage.streams import with_seq
+from mqchat.core.protocol import Attachment, NewMessage, encode_event
+
+
+def _event() -> NewMessage:
+    return NewMessage(
+        seq=3,
+        server_msg_id=41,
+        client_msg_id="c-1",
+        from_user="alice",
+        group_id="g1",
+        content="hello",
+        msg_type="image",
+        created_at="2026-11-30T03:00:00.000Z",
+        attachment=Attachment(id="f1", name="a.png", size=3, content_type="image/png"),
+    )
+
+
+def test_with_seq_is_the_event_with_another_seq() -> None:
+    event = _event()
+    copy = with_seq(event, 9)
+    assert copy == event.model_copy(update={"seq": 9})
+    assert encode_event(copy) == encode_event(event.model_copy(update={"seq": 9}))
+    assert copy.model_fields_set == event.model_copy(update={"seq": 9}).model_fields_set
+    assert (event.seq, copy.seq) == (3, 9)  # the original is untouched
+
+
+def test_copies_do_not_share_their_seq() -> None:
+    event = _event()
+    copies = [with_seq(event, seq) for seq in (5, 6, 7)]
+    assert [c.seq for c in copies] == [5, 6, 7]
+    assert NewMessage.model_validate_json(encode_event(copies[1])).seq == 6
