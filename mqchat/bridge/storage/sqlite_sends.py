@@ -18,7 +18,7 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any
 
-from mqchat.bridge.storage.dialect import INSERT_EVENTS_SQL, UPDATE_HEAD_SQL, event_row
+from mqchat.bridge.storage.dialect import INSERT_EVENTS_SQL, UPDATE_HEAD_SQL, EventRow
 from mqchat.bridge.storage.streams import Streams, row_to_message
 from mqchat.bridge.store import StoredFile, StoredMessage
 
@@ -136,9 +136,9 @@ class RawSendSql:
         self._raw.executemany(_INSERT_MESSAGE, [_MESSAGE_VALUES(row) for row in stored])
         return rows
 
-    def write_stream(self, rows: list[dict[str, Any]], heads: list[tuple[int, str]]) -> None:
+    def write_stream(self, rows: list[EventRow], heads: list[tuple[int, str]]) -> None:
         if rows:
-            self._raw.executemany(INSERT_EVENTS_SQL, [event_row(row) for row in rows])
+            self._raw.executemany(INSERT_EVENTS_SQL, rows)
         if heads:
             self._raw.executemany(UPDATE_HEAD_SQL, heads)
 

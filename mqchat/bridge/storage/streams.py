@@ -25,14 +25,14 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, bindparam, select
 
 from mqchat.bridge.storage.database import SetChanged
-from mqchat.bridge.storage.dialect import Dialect
+from mqchat.bridge.storage.dialect import Dialect, EventRow
 from mqchat.bridge.store import Emitted, StoredMessage
 from mqchat.bridge.tables import users
 from mqchat.core.protocol import STREAM_EVENTS, AnyStreamEvent, Attachment, NewMessage
 
 NEW_MESSAGE = "new_message"
 _V = TypeVar("_V")
-StreamWriter = Callable[[list[dict[str, Any]], list[tuple[int, str]]], None]
+StreamWriter = Callable[[list[EventRow], list[tuple[int, str]]], None]
 """Writes a transaction's new stream rows and heads (``(last_seq, user_id)`` pairs)."""
 
 # Statements that run for every send or connecting device, built once: building one per
@@ -84,9 +84,6 @@ def render(row: Any) -> AnyStreamEvent:
     return event
 
 
-_MESSAGE_ENTRY: dict[str, Any] = {"kind": NEW_MESSAGE, "payload": None}
-
-
 def with_seq(event: NewMessage, seq: int) -> NewMessage:
     """``event`` with another ``seq``: what ``model_copy(update={"seq": seq})`` returns, for
     the one field a message's per-stream events differ in, without pydantic's generic copy
@@ -128,7 +125,7 @@ class Streams:
         # nothing is appended to their streams and they count as no user at all.
         self.gone = gone
         self._start = dict(heads)
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[EventRow] = []
         # One time for the whole transaction: what retention reads to tell old entries.
         self._now_ms = time.time_ns() // 1_000_000
         self.emitted: list[tuple[str, AnyStreamEvent]] = []
@@ -159,16 +156,7 @@ class Streams:
         events: list[tuple[str, AnyStreamEvent]] = []
         for user_id, seq in zip(audience, seqs, strict=True):
             conversation = shared if shared is not None else str(message.conversation_for(user_id))
-            self._rows.append(
-                {
-                    **_MESSAGE_ENTRY,
-                    "user_id": user_id,
-                    "seq": seq,
-                    "message_id": message.id,
-                    "conversation_id": conversation,
-                    "created_ms": now_ms,
-                }
-            )
+            self._rows.append((user_id, seq, NEW_MESSAGE, message.id, conversation, None, now_ms))
             events.append((user_id, with_seq(rendered, seq)))
         self.emitted.extend(events)
         return tuple(events)
@@ -181,17 +169,7 @@ class Streams:
         seq = self.next_seq(user_id)
         event = event.model_copy(update={"seq": seq})
         payload = event.model_dump_json(exclude={"seq", "type"})
-        self._rows.append(
-            {
-                "user_id": user_id,
-                "seq": seq,
-                "kind": event.type,
-                "message_id": None,
-                "conversation_id": conversation_id,
-                "payload": payload,
-                "created_ms": self._now_ms,
-            }
-        )
+        self._rows.append((user_id, seq, event.type, None, conversation_id, payload, self._now_ms))
         self.emitted.append((user_id, event))
 
     def flush(self) -> Emitted:
