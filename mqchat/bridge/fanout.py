@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -27,6 +28,8 @@ from mqchat.core.protocol import AnyStreamEvent, Event, NewMessage, Presence, en
 from mqchat.core.topics import STREAM_PREFIX, device_topic, group_topic, id_after, presence_topic, stream_topic
 
 log = logging.getLogger(__name__)
+# A user's stream topic, checked and built once: every group message needs one per member.
+_stream_topic = functools.lru_cache(maxsize=65_536)(stream_topic)
 
 
 class Publisher(Protocol):
@@ -85,7 +88,7 @@ class Fanout:
         by_user: dict[str, list[tuple[str, bytes]]] = {}
         encoded = _Encoded()
         for user_id, event in emitted:
-            topic, payload = stream_topic(user_id), self.signed(user_id, encoded(event))
+            topic, payload = _stream_topic(user_id), self.signed(user_id, encoded(event))
             self._deliver(topic, payload)
             by_user.setdefault(user_id, []).append((topic, payload))
         if self.cluster is not None:
