@@ -220,6 +220,11 @@ class MqttConnection(asyncio.Protocol):
         self._last_read = self._loop.time()
         if self.closed:
             return
+        if self.state is State.CONNECTED and not self._busy and not self._parser.buffered:
+            acked = mqtt.only_pubacks(data)
+            if acked is not None:
+                self._inflight.difference_update(acked)
+                return
         self._parser.feed(data)
         if not self._busy:
             self._handle_buffered()

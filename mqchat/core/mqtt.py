@@ -274,6 +274,20 @@ def puback(packet_id: int) -> bytes:
     return b"\x40\x02" + _U16.pack(packet_id)
 
 
+def only_pubacks(data: bytes) -> list[int] | None:
+    """The packet ids if ``data`` is nothing but whole, valid PUBACKs (what ``Parser`` would
+    accept); None for anything else, which then goes through ``Parser``.
+
+    A subscriber answers every delivery with one, so a 1,000-member group message brings
+    1,000 of them, each usually alone in its read: through the parser they were a sixth of
+    the broker's time."""
+    count, odd = divmod(len(data), 4)
+    if odd or not count or data[0::4] != b"\x40" * count or data[1::4] != b"\x02" * count:
+        return None
+    ids = [(data[at] << 8) | data[at + 1] for at in range(2, len(data), 4)]
+    return None if 0 in ids else ids
+
+
 # ------------------------------------------------------------------ topics
 
 

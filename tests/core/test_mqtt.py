@@ -300,3 +300,51 @@ def test_the_fast_publish_encoder_matches_the_packet_class() -> None:
         expected = Publish("chat/user/bob", b"x" * 300, qos, packet_id=7 if qos else None).encode()
         assert mqtt.encode_publish(b"chat/user/bob", b"x" * 300, qos, 7) == expected
     assert mqtt.puback(9) == Puback(9).encode()
+
+
+def _parsed(data: bytes) -> list[object] | None:
+    """What a connected broker's parser makes of ``data``; None if it refuses it."""
+    parser = Parser(server=True)
+    parser.feed(Connect("c").encode())
+    assert isinstance(parser.next(), Connect)
+    parser.feed(data)
+    packets: list[object] = []
+    try:
+        while (packet := parser.next()) is not None:
+            packets.append(packet)
+    except MqttError:
+        return None
+    return packets if not parser.buffered else None
+
+
+@given(st.lists(st.integers(0, 65535), min_size=1, max_size=6))
+def test_the_puback_shortcut_reads_what_the_parser_reads(ids: list[int]) -> None:
+    data = b"".join(b"\x40\x02" + struct.pack("!H", i) for i in ids)
+    parsed = _parsed(data)
+    expected = None if parsed is None else [p.packet_id for p in parsed if isinstance(p, Puback)]
+    assert mqtt.only_pubacks(data) == expected  # id 0 is refused by both
+
+
+@given(st.binary(max_size=24))
+def test_the_puback_shortcut_takes_nothing_else(data: bytes) -> None:
+    """Whatever it accepts, the parser reads as the same PUBACKs; the rest goes to the parser."""
+    ids = mqtt.only_pubacks(data)
+    if ids is not None:
+        parsed = _parsed(data)
+        assert parsed is not None and [p.packet_id for p in parsed if isinstance(p, Puback)] == ids
+        assert all(isinstance(p, Puback) for p in parsed)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x40\x02\x00",
+        b"\x41\x02\x00\x01",
+        b"\x40\x03\x00\x01\x00",
+        b"\x40\x02\x00\x01\xc0\x00",
+        b"\xc0\x00\xc0\x00",
+    ],
+)
+def test_the_puback_shortcut_leaves_partial_flagged_and_mixed_input_to_the_parser(data: bytes) -> None:
+    assert mqtt.only_pubacks(data) is None

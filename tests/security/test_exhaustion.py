@@ -14,7 +14,7 @@ import pytest
 
 from mqchat.config import Settings
 from mqchat.core import mqtt
-from mqchat.core.mqtt import Connack, Connect, Subscribe
+from mqchat.core.mqtt import Connack, Connect, Publish, Subscribe
 from mqchat.runner import RunningServer
 from tests.security.raw import RawClient, raw_client, stalled_socket, ws_frame, ws_handshake
 from tests.support.accounts import UNLIMITED, http_client, register
@@ -106,6 +106,53 @@ async def test_a_reader_that_never_acknowledges_is_closed_at_the_inflight_limit(
         while await raw.read_packet(10):
             received += 1
     assert 50 <= received < 80
+
+
+@pytest.mark.parametrize("extra_limits", [{"max_unacked_deliveries": 50}])
+async def test_a_reader_that_acknowledges_stays_past_the_inflight_limit(server: RunningServer) -> None:
+    """PUBACKs that arrive alone or two to a read (the broker's shortcut for them) and with a
+    PINGREQ in the same read (through the parser) all free their slots."""
+    alice, bob = await register(server, "alice"), await register(server, "bob")
+    async with raw_client(server.mqtt_port or 0) as raw:
+        await raw.send(Connect("bob:busy", True, 0, "bob", bob.encode()).encode())
+        await raw.send(Subscribe(1, (("chat/user/bob", 1),)).encode())
+        await raw.read_packet()  # CONNACK
+        await raw.read_packet()  # SUBACK
+        # More than twice the limit, read and acknowledged while it is sent.
+        flooding = asyncio.create_task(flood_over_http(server, alice, "bob", 120, 10))
+        held: list[bytes] = []
+        received = 0
+        while received < 120:
+            delivered = await raw.read_packet(10)
+            assert delivered, f"closed after {received} deliveries"
+            if delivered[0] >> 4 != mqtt.PUBLISH:
+                continue  # a PINGRESP
+            received += 1
+            held.append(delivered)
+            if len(held) == 3:  # two PUBACKs in one read, then one alone (pauses keep TCP from merging them)
+                ids = [_packet_id(p) for p in held]
+                await raw.send(b"".join(mqtt.puback(i) for i in ids[:2]))
+                await asyncio.sleep(0.01)
+                await raw.send(mqtt.puback(ids[2]))
+                await asyncio.sleep(0.01)
+                held.clear()
+        await flooding
+        await raw.send(b"".join(mqtt.puback(_packet_id(packet)) for packet in held) + _PINGREQ)
+        while (answer := await raw.read_packet(5)) and answer[0] != 0xD0:
+            pass
+        assert answer and answer[0] == 0xD0  # PINGRESP: still connected
+
+
+_PINGREQ = b"\xc0\x00"
+
+
+def _packet_id(publish: bytes) -> int:
+    parser = mqtt.Parser(server=False)
+    parser.feed(b"\x20\x02\x00\x00" + publish)  # after a CONNACK, as a client reads it
+    parser.next()
+    packet = parser.next()
+    assert isinstance(packet, Publish) and packet.packet_id is not None
+    return packet.packet_id
 
 
 # ------------------------------------------------------------ read floods
