@@ -34,3 +34,12 @@ def test_copies_do_not_share_their_seq() -> None:
     copies = [with_seq(event, seq) for seq in (5, 6, 7)]
     assert [c.seq for c in copies] == [5, 6, 7]
     assert NewMessage.model_validate_json(encode_event(copies[1])).seq == 6
+
+
+def test_the_event_has_nothing_the_copy_leaves_out() -> None:
+    """``with_seq`` sets no extra fields and no private attributes: the model must have none."""
+    assert NewMessage.model_config.get("extra") != "allow"
+    assert not NewMessage.__private_attributes__
+    event = _event()
+    copy = with_seq(event, 4)
+    assert copy.model_fields_set is not event.model_fields_set
