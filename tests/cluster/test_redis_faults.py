@@ -155,21 +155,29 @@ async def probe_until_live(cluster: Cluster, k: int, missed: str, timeout: float
     watcher = cluster.watchers[k]
     live_at: float | None = None
     missed_how: str | None = None
-    async with asyncio.timeout(timeout):
-        while live_at is None or missed_how is None:
-            probe = f"probe-{k}-{time.monotonic_ns()}" if live_at is None else None
-            if probe is not None:
-                await send_probe(cluster, k, probe)
-            for event in await watcher.drain(0.5):
-                if event.get("type") == "new_message":
-                    if event["client_msg_id"] == probe and live_at is None:
-                        live_at = time.monotonic()
-                    if event["client_msg_id"] == missed:
-                        missed_how = missed_how or "live"
-                elif event.get("type") == "sync_response" and any(
-                    e.get("client_msg_id") == missed for e in event["events"]
-                ):
-                    missed_how = missed_how or "catch-up"
+    try:
+        async with asyncio.timeout(timeout):
+            while live_at is None or missed_how is None:
+                probe = f"probe-{k}-{time.monotonic_ns()}" if live_at is None else None
+                if probe is not None:
+                    await send_probe(cluster, k, probe)
+                for event in await watcher.drain(0.5):
+                    if event.get("type") == "new_message":
+                        if event["client_msg_id"] == probe and live_at is None:
+                            live_at = time.monotonic()
+                        if event["client_msg_id"] == missed:
+                            missed_how = missed_how or "live"
+                    elif event.get("type") == "sync_response" and any(
+                        e.get("client_msg_id") == missed for e in event["events"]
+                    ):
+                        missed_how = missed_how or "catch-up"
+    except TimeoutError:
+        # Say what was outstanding: a CI run once timed out here and did not say.
+        raise AssertionError(
+            f"watcher {k} (node {k + 1}) after {timeout:.0f} s: a live probe"
+            f" {'arrived' if live_at is not None else 'never arrived'}, the missed message"
+            f" {'arrived (' + missed_how + ')' if missed_how is not None else 'never arrived'}"
+        ) from None
     return live_at, missed_how
 
 
