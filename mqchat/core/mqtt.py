@@ -282,7 +282,8 @@ def only_pubacks(data: bytes) -> list[int] | None:
     1,000 of them, each usually alone in its read: through the parser they were a sixth of
     the broker's time."""
     count, odd = divmod(len(data), 4)
-    if odd or not count or data[0::4] != b"\x40" * count or data[1::4] != b"\x02" * count:
+    # The first byte turns away every other read (a PUBLISH of any size) before any slicing.
+    if odd or not count or data[0] != 0x40 or data[0::4] != b"\x40" * count or data[1::4] != b"\x02" * count:
         return None
     ids = [(data[at] << 8) | data[at + 1] for at in range(2, len(data), 4)]
     return None if 0 in ids else ids
