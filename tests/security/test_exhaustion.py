@@ -93,14 +93,20 @@ async def test_a_reader_that_never_reads_is_closed_at_the_buffer_limit(
     assert "reads too slowly" in caplog.text and "bob:slow" in caplog.text
 
 
+async def subscribed_to_stream(raw: RawClient, client_id: str, token: str) -> None:
+    """Connect as ``client_id`` and subscribe to the user's stream at QoS 1."""
+    user_id = client_id.partition(":")[0]
+    await raw.send(Connect(client_id, True, 0, user_id, token.encode()).encode())
+    await raw.send(Subscribe(1, ((f"chat/user/{user_id}", 1),)).encode())
+    await raw.read_packet()  # CONNACK
+    await raw.read_packet()  # SUBACK
+
+
 @pytest.mark.parametrize("extra_limits", [{"max_unacked_deliveries": 50}])
 async def test_a_reader_that_never_acknowledges_is_closed_at_the_inflight_limit(server: RunningServer) -> None:
     alice, bob = await register(server, "alice"), await register(server, "bob")
     async with raw_client(server.mqtt_port or 0) as raw:
-        await raw.send(Connect("bob:lazy", True, 0, "bob", bob.encode()).encode())
-        await raw.send(Subscribe(1, (("chat/user/bob", 1),)).encode())
-        await raw.read_packet()  # CONNACK
-        await raw.read_packet()  # SUBACK
+        await subscribed_to_stream(raw, "bob:lazy", bob)
         await flood_over_http(server, alice, "bob", 80, 10)  # limits.max_unacked_deliveries = 50; never PUBACKed
         received = 0
         while await raw.read_packet(10):
@@ -114,10 +120,7 @@ async def test_a_reader_that_acknowledges_stays_past_the_inflight_limit(server: 
     PINGREQ in the same read (through the parser) all free their slots."""
     alice, bob = await register(server, "alice"), await register(server, "bob")
     async with raw_client(server.mqtt_port or 0) as raw:
-        await raw.send(Connect("bob:busy", True, 0, "bob", bob.encode()).encode())
-        await raw.send(Subscribe(1, (("chat/user/bob", 1),)).encode())
-        await raw.read_packet()  # CONNACK
-        await raw.read_packet()  # SUBACK
+        await subscribed_to_stream(raw, "bob:busy", bob)
         # More than twice the limit, read and acknowledged while it is sent.
         flooding = asyncio.create_task(flood_over_http(server, alice, "bob", 120, 10))
         held: list[bytes] = []
