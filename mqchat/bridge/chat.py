@@ -402,7 +402,7 @@ class ChatService:
                 pending.future.set_result(ack)
             if pending.device is not None:
                 await self.reply(pending.device, ack)
-        await self.publish_events(tuple(e for o in outcomes if isinstance(o, SendOutcome) for e in o.events))
+        await self.publish_events(*(o.events for o in outcomes if isinstance(o, SendOutcome)))
         self._metrics.handed_off([p.accepted for p in batch], outcomes)
 
     def _fail(self, pending: _Pending, error: ChatError) -> None:
@@ -540,8 +540,8 @@ class ChatService:
 
     # -------------------------------------------------------------- output
 
-    async def publish_events(self, emitted: Emitted) -> None:
-        await self.fanout.stream_events(emitted)
+    async def publish_events(self, *chunks: Emitted) -> None:
+        await self.fanout.stream_events(*chunks)
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
         self._metrics.replied(event)

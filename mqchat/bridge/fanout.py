@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from mqchat.bridge.auth import EventKeys
 from mqchat.bridge.cluster import RedisCluster, group_channel, user_channel
 from mqchat.bridge.notify import StreamNotifier
-from mqchat.bridge.store import Emitted
+from mqchat.bridge.store import Emitted, MessageEntries
 from mqchat.core.ids import DeviceAddress
 from mqchat.core.protocol import AnyStreamEvent, Event, NewMessage, Presence, encode_event, format_time
 from mqchat.core.topics import STREAM_PREFIX, device_topic, group_topic, id_after, presence_topic, stream_topic
@@ -82,19 +82,33 @@ class Fanout:
 
     # ------------------------------------------------------------- outgoing
 
-    async def stream_events(self, emitted: Emitted) -> None:
-        """New stream entries, in seq order per user: to this node's devices, then, per user
-        and in one message, to the other nodes; then the long-polls wake up."""
+    async def stream_events(self, *chunks: Emitted) -> None:
+        """New stream entries, in seq order per user (each chunk, then the next): to this node's
+        devices, then, per user and in one message, to the other nodes; then the long-polls
+        wake up."""
         by_user: dict[str, list[tuple[str, bytes]]] = {}
         encoded = _Encoded()
-        for user_id, event in emitted:
-            topic, payload = _stream_topic(user_id), self.signed(user_id, encoded(event))
-            self._deliver(topic, payload)
-            by_user.setdefault(user_id, []).append((topic, payload))
+        for chunk in chunks:
+            if isinstance(chunk, MessageEntries):
+                self._message_entries(chunk, encoded.tail(chunk.event), by_user)
+                continue
+            for user_id, event in chunk:
+                topic, payload = _stream_topic(user_id), self.signed(user_id, encoded(event))
+                self._deliver(topic, payload)
+                by_user.setdefault(user_id, []).append((topic, payload))
         if self.cluster is not None:
             for user_id, items in by_user.items():
                 self.cluster.publish(user_channel(user_id), items, user_id=user_id)
         self.notifier.notify(by_user)
+
+    def _message_entries(
+        self, entries: MessageEntries, tail: bytes, by_user: dict[str, list[tuple[str, bytes]]]
+    ) -> None:
+        """A message's entries, encoded from its ``tail`` without an event per stream."""
+        for user_id, seq in zip(entries.users, entries.seqs, strict=True):
+            topic, payload = _stream_topic(user_id), self.signed(user_id, _NEW_MESSAGE % (seq, tail))
+            self._deliver(topic, payload)
+            by_user.setdefault(user_id, []).append((topic, payload))
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
         """To the device's own topic: it is connected here (it sent the command)."""
@@ -207,12 +221,16 @@ class Fanout:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+_NEW_MESSAGE = b'{"type":"new_message","seq":%d%s'
+
+
 class _Encoded:
     """Encodes the events of one batch, a message once whatever the number of its streams.
 
     A message lands in every member's stream, each time with its own ``seq``: only that
-    field differs (it comes first after ``type``), so the rest is encoded once and the seq
-    spliced in. A group message of 1,000 members is one encoding instead of 1,000."""
+    field differs (it comes first after ``type``), so the rest (the ``tail``) is encoded
+    once and the seq spliced in. A group message of 1,000 members is one encoding instead
+    of 1,000."""
 
     def __init__(self) -> None:
         self._tails: dict[int, bytes] = {}
@@ -220,9 +238,13 @@ class _Encoded:
     def __call__(self, event: AnyStreamEvent) -> bytes:
         if not isinstance(event, NewMessage):
             return encode_event(event)
+        return _NEW_MESSAGE % (event.seq, self.tail(event))
+
+    def tail(self, event: NewMessage) -> bytes:
+        """The message's encoding from the field after ``seq`` on."""
         tail = self._tails.get(event.server_msg_id)
         if tail is None:
             full = encode_event(event)
             cut = full.index(b',"server_msg_id":')
             tail = self._tails[event.server_msg_id] = full[cut:]
-        return b'{"type":"new_message","seq":%d%s' % (event.seq, tail)
+        return tail

@@ -8,17 +8,74 @@ committed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from mqchat.core.errors import ChatError
 from mqchat.core.ids import ConversationId
-from mqchat.core.protocol import AnyStreamEvent, Attachment, MsgType, format_time
+from mqchat.core.protocol import AnyStreamEvent, Attachment, MsgType, NewMessage, format_time
 
-Emitted = tuple[tuple[str, AnyStreamEvent], ...]
-"""(user_id, event) pairs: new entries of users' streams, in seq order per user."""
+Emitted = Sequence[tuple[str, AnyStreamEvent]]
+"""(user_id, event) pairs: new entries of users' streams, in seq order per user. A message's
+entries come as one ``MessageEntries``."""
+
+
+def with_seq(event: NewMessage, seq: int) -> NewMessage:
+    """``event`` with another ``seq``: what ``model_copy(update={"seq": seq})`` returns, for
+    the one field a message's per-stream events differ in, without pydantic's generic copy
+    (about 2.6 times as long). The event is frozen, so sharing the other fields' values is
+    safe. It has no extra fields and no private attributes, which is why both are None here
+    (tests/bridge/test_streams.py fails if that changes)."""
+    new = object.__new__(NewMessage)
+    fields = event.__dict__.copy()
+    fields["seq"] = seq
+    object.__setattr__(new, "__dict__", fields)
+    object.__setattr__(new, "__pydantic_fields_set__", set(event.__pydantic_fields_set__))
+    object.__setattr__(new, "__pydantic_extra__", None)
+    object.__setattr__(new, "__pydantic_private__", None)
+    return new
+
+
+class MessageEntries(Sequence[tuple[str, NewMessage]]):
+    """One message's entries in several streams: ``users[i]`` got it at ``seqs[i]``.
+
+    A group message lands in up to 1,000 streams, and its events differ only in ``seq``: each
+    member's event is made (``with_seq``) only when an entry is read as a pair. The fan-out
+    reads ``event``, ``users`` and ``seqs`` instead and makes none (fanout.py): making them
+    was an eighth of a group message's time holding the GIL (py-spy, docs/performance.md)."""
+
+    __slots__ = ("event", "seqs", "users")
+
+    def __init__(self, event: NewMessage, users: Sequence[str], seqs: Sequence[int]) -> None:
+        if len(users) != len(seqs):
+            raise ValueError("one seq per user")
+        self.event = event
+        """The message as rendered for the first stream (any ``seq`` but that one is ignored)."""
+        self.users = users
+        self.seqs = seqs
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, NewMessage]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[str, NewMessage]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, NewMessage] | Sequence[tuple[str, NewMessage]]:
+        if isinstance(index, slice):
+            return MessageEntries(self.event, self.users[index], self.seqs[index])
+        return self.users[index], with_seq(self.event, self.seqs[index])
+
+    def __iter__(self) -> Iterator[tuple[str, NewMessage]]:
+        for user_id, seq in zip(self.users, self.seqs, strict=True):
+            yield user_id, with_seq(self.event, seq)
+
+    def __repr__(self) -> str:
+        return f"MessageEntries(server_msg_id={self.event.server_msg_id}, {len(self)} streams)"
 
 
 @dataclass(frozen=True, slots=True)

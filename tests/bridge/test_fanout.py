@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mqchat.bridge.fanout import _Encoded
+from mqchat.bridge.fanout import Fanout, _Encoded
+from mqchat.bridge.notify import StreamNotifier
+from mqchat.bridge.store import Emitted, MessageEntries
 from mqchat.core.protocol import Attachment, NewMessage, encode_event
 
 texts = st.text(max_size=30)
@@ -34,3 +38,34 @@ def test_a_message_in_many_streams_encodes_as_each_would_alone(message: NewMessa
     for seq in [message.seq, *seqs]:
         copy = message.model_copy(update={"seq": seq})
         assert encoded(copy) == encode_event(copy)
+
+
+@given(messages, st.lists(st.integers(1, 2**40), min_size=1, max_size=5))
+def test_a_message_s_entries_encode_as_each_event_would(message: NewMessage, seqs: list[int]) -> None:
+    """The fan-out's path for ``MessageEntries`` (no event per stream) sends what encoding
+    each stream's own event sends."""
+    users = [f"u{i}" for i in range(len(seqs))]
+    entries = MessageEntries(message, users, seqs)
+    sent = _delivered(entries)
+    assert sent == [
+        (f"chat/user/{user}", encode_event(message.model_copy(update={"seq": seq})))
+        for user, seq in zip(users, seqs, strict=True)
+    ]
+    assert _delivered(tuple(entries)) == sent  # the same entries as plain pairs
+
+
+def _delivered(*chunks: Emitted) -> list[tuple[str, bytes]]:
+    sent: list[tuple[str, bytes]] = []
+
+    class Broker:
+        async def publish(self, topic: str, payload: bytes) -> None:
+            raise AssertionError("stream events are delivered, not published")
+
+        def deliver(self, topic: str, payload: bytes, users: frozenset[str] | None = None) -> int:
+            sent.append((topic, payload))
+            return 1
+
+    fanout = Fanout(StreamNotifier(), None, None)
+    fanout.attach(Broker(), None)
+    asyncio.run(fanout.stream_events(*chunks))
+    return sent

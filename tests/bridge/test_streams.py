@@ -1,8 +1,11 @@
-"""The per-stream copy of a message event (``with_seq``) is the event pydantic's copy makes."""
+"""The per-stream copy of a message event (``with_seq``) is the event pydantic's copy makes, and
+a message's entries (``MessageEntries``) read as the pairs of those copies."""
 
 from __future__ import annotations
 
-from mqchat.bridge.storage.streams import with_seq
+import pytest
+
+from mqchat.bridge.store import MessageEntries, with_seq
 from mqchat.core.protocol import Attachment, NewMessage, encode_event
 
 
@@ -43,3 +46,21 @@ def test_the_event_has_nothing_the_copy_leaves_out() -> None:
     event = _event()
     copy = with_seq(event, 4)
     assert copy.model_fields_set is not event.model_fields_set
+
+
+def test_a_message_s_entries_read_as_one_event_per_stream() -> None:
+    event = _event()
+    entries = MessageEntries(event, ["alice", "bob", "cat"], [3, 10, 7])
+    expected = [(user, event.model_copy(update={"seq": seq})) for user, seq in (("alice", 3), ("bob", 10), ("cat", 7))]
+    assert len(entries) == 3
+    assert list(entries) == expected
+    assert entries[1] == expected[1] and entries[-1] == expected[2]
+    assert list(entries[1:]) == expected[1:]
+    assert isinstance(entries[1:], MessageEntries)
+    with pytest.raises(IndexError):
+        entries[3]
+
+
+def test_entries_need_one_seq_per_stream() -> None:
+    with pytest.raises(ValueError):
+        MessageEntries(_event(), ["alice", "bob"], [1])

@@ -26,7 +26,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from mqchat.bridge.storage.database import SetChanged
 from mqchat.bridge.storage.dialect import Dialect, EventRow
-from mqchat.bridge.store import Emitted, StoredMessage
+from mqchat.bridge.store import Emitted, MessageEntries, StoredMessage
 from mqchat.bridge.tables import users
 from mqchat.core.protocol import STREAM_EVENTS, AnyStreamEvent, Attachment, NewMessage
 
@@ -84,22 +84,6 @@ def render(row: Any) -> AnyStreamEvent:
     return event
 
 
-def with_seq(event: NewMessage, seq: int) -> NewMessage:
-    """``event`` with another ``seq``: what ``model_copy(update={"seq": seq})`` returns, for
-    the one field a message's per-stream events differ in, without pydantic's generic copy
-    (about 2.6 times as long, once per member of a group). The event is frozen, so sharing
-    the other fields' values is safe. It has no extra fields and no private attributes, which
-    is why both are None here (tests/bridge/test_streams.py fails if that changes)."""
-    new = object.__new__(NewMessage)
-    fields = event.__dict__.copy()
-    fields["seq"] = seq
-    object.__setattr__(new, "__dict__", fields)
-    object.__setattr__(new, "__pydantic_fields_set__", set(event.__pydantic_fields_set__))
-    object.__setattr__(new, "__pydantic_extra__", None)
-    object.__setattr__(new, "__pydantic_private__", None)
-    return new
-
-
 def latest(conn: Connection, user_id: str) -> int:
     return int(conn.execute(LAST_SEQ, {"uid": user_id}).scalar_one_or_none() or 0)
 
@@ -145,22 +129,22 @@ class Streams:
         self.heads[user_id] += 1
         return self.heads[user_id]
 
-    def add_message_entries(self, message: StoredMessage, audience: list[str], seqs: list[int]) -> Emitted:
-        """The message's entry in each of these streams (at these seqs); returns their events.
+    def add_message_entries(self, message: StoredMessage, audience: list[str], seqs: list[int]) -> MessageEntries:
+        """The message's entry in each of these streams (at these seqs); returns their events,
+        which ``flush`` does not return again (the send path publishes each outcome's own).
 
-        A group message lands in up to 1,000 streams: the event is rendered once and copied
-        per stream with its own ``seq`` (``with_seq``), and a group's conversation id is the
-        same for every member. Per member this was most of the writer thread's time."""
-        rendered = render_new_message(seqs[0], message)
+        A group message lands in up to 1,000 streams: the event is rendered once (the events
+        are made per stream only if read as pairs, ``MessageEntries``), and a group's
+        conversation id is the same for every member. Per member this was most of the writer
+        thread's time."""
+        entries = MessageEntries(render_new_message(seqs[0], message), audience, seqs)
         shared = None if message.group_id is None else str(message.conversation_for(message.sender))
         now_ms = self._now_ms
-        events: list[tuple[str, AnyStreamEvent]] = []
+        rows = self._rows
         for user_id, seq in zip(audience, seqs, strict=True):
             conversation = shared if shared is not None else str(message.conversation_for(user_id))
-            self._rows.append((user_id, seq, NEW_MESSAGE, message.id, conversation, None, now_ms))
-            events.append((user_id, with_seq(rendered, seq)))
-        self.emitted.extend(events)
-        return tuple(events)
+            rows.append((user_id, seq, NEW_MESSAGE, message.id, conversation, None, now_ms))
+        return entries
 
     def emit(self, user_id: str, event: AnyStreamEvent, conversation_id: str | None = None) -> None:
         """Append a non-message event; ``event.seq`` is replaced by the allocated one. A deleted
@@ -174,6 +158,7 @@ class Streams:
         self.emitted.append((user_id, event))
 
     def flush(self) -> Emitted:
+        """Write the rows and heads; returns the events of ``emit``."""
         changed = [(h, u) for u, h in self.heads.items() if h != self._start[u]]
         self._write(self._rows, changed)
         return tuple(self.emitted)
