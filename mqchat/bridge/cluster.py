@@ -294,6 +294,7 @@ class RedisCluster:
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._remember_unsent(channel.removeprefix(PREFIX + "u:") for channel, _ in batch)
+            self._resync_again(message for channel, message in batch if channel == CONTROL)
             self._broken(f"publishing failed: {exc!r}", exc)
 
     def _remember_unsent(self, users: Iterable[str]) -> None:
@@ -305,6 +306,18 @@ class RedisCluster:
         if len(self._unsent_users) > _MAX_UNSENT_USERS:
             self._unsent_users.clear()
             self._unsent_everyone = True
+
+    def _resync_again(self, controls: Iterable[bytes]) -> None:
+        """Other control messages are ephemeral, but a ``resync`` is the recovery itself: its
+        users go back on the list, and the next recovery (``_broken`` makes one due) asks again."""
+        for data in controls:
+            message = json.loads(data)
+            if message.get("op") != "resync":
+                continue
+            if message.get("users") is None:
+                self._unsent_everyone = True
+            else:
+                self._remember_unsent(message["users"])
 
     # ------------------------------------------------------------ reading
 

@@ -384,3 +384,38 @@ async def test_rejoin_records_held_devices_forgets_those_that_left_and_keeps_epo
     finally:
         await redis.aclose()
         await cluster.stop()
+
+
+async def test_a_resync_that_could_not_be_published_is_sent_at_the_next_recovery(redis_server: RedisProcess) -> None:
+    """After a reconnect a node tells the others which users' events it could not publish
+    (``resync``). That message can fail too (a pooled connection from before the outage): it
+    must be sent again when Redis answers, not dropped with the list (a CI run lost it once:
+    the other node's watcher never got the missed message)."""
+    proxy = TcpProxy(redis_server.port)
+    await proxy.start()
+    n1 = RedisCluster(proxy.url, "n1", ClusterSettings(heartbeat_seconds=0.2))
+    n2 = RedisCluster(redis_server.url, "n2", ClusterSettings())
+    heard: list[dict[str, object]] = []
+    n2.on_control = heard.append
+    await n1.start()
+    await n2.start()
+    try:
+        await proxy.cut()
+        n1.publish("mqchat:u:bob", [("chat/user/bob", b"{}")], user_id="bob")
+
+        async def n1_degraded() -> bool:
+            return not n1.healthy
+
+        async def resync_heard() -> bool:
+            return any(m.get("op") == "resync" and "bob" in m.get("users", ()) for m in heard)  # type: ignore[operator]
+
+        await wait_for(n1_degraded, 15, "n1 degraded")
+        n1._after_reconnect()  # as if back: its resync goes out on the broken link, and fails
+        await asyncio.sleep(0.5)
+        assert not [m for m in heard if m.get("op") == "resync"]
+        await proxy.restore()
+        await wait_for(resync_heard, 15, "n2 hears the resync for bob")
+    finally:
+        await n1.stop()
+        await n2.stop()
+        await proxy.close()
