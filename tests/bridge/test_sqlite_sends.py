@@ -3,15 +3,18 @@ the same batches must give the same answers and leave the same rows."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mqchat.bridge.storage import SqlStore
+from mqchat.bridge.storage import SqlStore, database
 from mqchat.bridge.storage.database import SqliteDatabase
+from mqchat.bridge.storage.sends import HERE_MAX_SENDS
 from mqchat.bridge.store import SendOutcome, SendRequest, StoredFile
 from mqchat.core.errors import ChatError
 
@@ -118,3 +121,97 @@ async def test_every_connection_gets_the_page_cache_and_checkpoint_size(tmp_path
     pooled = await store.db.run("pragmas", lambda conn: read(conn.exec_driver_sql))
     assert raw == pooled == (-SQLITE_CACHE_KIB, SQLITE_CHECKPOINT_PAGES)
     await store.close()
+
+
+# ------------------------------------------------- sends on the event loop's thread
+
+
+def _send(n: int, group_id: str | None = None) -> list[SendRequest]:
+    if group_id is not None:
+        return [SendRequest("ann", f"g-{n}", "hi all", "text", group_id=group_id)]
+    return [SendRequest("ann", f"m-{n}", "hello", "text", to_user="ben")]
+
+
+def _stored(results: list[SendOutcome | ChatError]) -> int:
+    (outcome,) = results
+    assert isinstance(outcome, SendOutcome) and not outcome.duplicate, outcome
+    return outcome.message.id
+
+
+async def test_a_send_without_a_group_runs_on_the_loop_thread_a_group_s_on_the_writer(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "here.db", raw=True)
+    db = store.db
+    assert isinstance(db, SqliteDatabase)
+    try:
+        group, _ = await store.create_group("ann", "trip", ["ben", "cat"], 10)
+        _stored(await store.save_messages(_send(1)))
+        assert db.ran_here == 1
+        _stored(await store.save_messages(_send(2, group.group_id)))
+        assert db.ran_here == 1  # a row per member: not on the loop's thread
+        big = [request for n in range(3, 3 + HERE_MAX_SENDS + 1) for request in _send(n)]
+        assert all(isinstance(r, SendOutcome) for r in await store.save_messages(big))
+        assert db.ran_here == 1  # a large batch: the writer thread
+        # joined, the message, the group message, the large batch
+        assert (await store.read_stream("ben", 0, 10)).latest_seq == 3 + HERE_MAX_SENDS + 1
+    finally:
+        await store.close()
+
+
+async def test_a_lock_held_elsewhere_is_waited_for_on_the_writer_thread_not_on_the_loop(tmp_path: Path) -> None:
+    """Another process (a backup, an admin command) holding the write lock must not stall the
+    event loop: the send goes to the writer thread, which waits for the lock."""
+    path = tmp_path / "locked.db"
+    store = await _store(path, raw=True)
+    db = store.db
+    assert isinstance(db, SqliteDatabase)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        sending = asyncio.ensure_future(store.save_messages(_send(1)))
+        started = time.monotonic()
+        for _ in range(20):  # the loop keeps turning while the lock is held
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - started < 2, "the event loop waited for the lock"
+        assert not sending.done()
+        other.execute("COMMIT")
+        _stored(await asyncio.wait_for(sending, 10))
+        assert db.ran_here == 0
+        _stored(await store.save_messages(_send(2)))  # the lock is free again: on the loop's thread
+        assert db.ran_here == 1
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_while_the_writer_thread_is_busy_a_send_queues_behind_it(tmp_path: Path) -> None:
+    store = await _store(tmp_path / "busy.db", raw=True)
+    db = store.db
+    assert isinstance(db, SqliteDatabase)
+    try:
+        slow = asyncio.ensure_future(db.run("slow", lambda conn: time.sleep(0.3), write=True))
+        await asyncio.sleep(0.05)
+        _stored(await store.save_messages(_send(1)))
+        assert db.ran_here == 0 and slow.done()  # it waited for the slow one, on the writer thread
+    finally:
+        await store.close()
+
+
+async def test_after_a_slow_commit_here_the_next_sends_go_to_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow disk (fsync) would hold the loop on every send: one slow commit is enough to send
+    the next ones to the writer thread for a while."""
+    store = await _store(tmp_path / "slow.db", raw=True)
+    db = store.db
+    assert isinstance(db, SqliteDatabase)
+    monkeypatch.setattr(database, "HERE_BUDGET_S", 0.0)  # every commit counts as slow
+    try:
+        _stored(await store.save_messages(_send(1)))
+        _stored(await store.save_messages(_send(2)))
+        assert db.ran_here == 1
+        monkeypatch.setattr(database, "THREAD_AFTER_SLOW_S", 0.0)
+        db._thread_until = 0.0  # the while is over
+        _stored(await store.save_messages(_send(3)))
+        assert db.ran_here == 2
+    finally:
+        await store.close()

@@ -38,6 +38,9 @@ from mqchat.core.errors import (
 )
 from mqchat.core.protocol import MsgType
 
+HERE_MAX_SENDS = 16
+"""The largest batch of sends that may be stored on the event loop's own thread."""
+
 _STREAM_PAGE = (
     select(stream_events.c.seq, stream_events.c.kind, stream_events.c.payload, messages)
     .select_from(stream_events.outerjoin(messages, messages.c.id == stream_events.c.message_id))
@@ -126,7 +129,10 @@ class SendsStore(StoreBase):
         if not requests:
             return []
         if isinstance(self.db, SqliteDatabase) and self.db.raw_writes:
-            return await self.db.run_raw("save_messages", lambda raw: self._save(RawSendSql(raw), requests))
+            # Everyday load is small batches: those may run on the loop's thread (run_raw). A
+            # group's writes a row per member: the writer thread, never the loop's.
+            here = len(requests) <= HERE_MAX_SENDS and all(r.group_id is None for r in requests)
+            return await self.db.run_raw("save_messages", lambda raw: self._save(RawSendSql(raw), requests), here=here)
         return await self.db.run(
             "save_messages", lambda conn: self._save(GenericSendSql(conn, self.sql), requests), write=True
         )
