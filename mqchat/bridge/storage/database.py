@@ -296,10 +296,8 @@ class SqliteDatabase(Database):
         raw = self._here
         if raw is None:
             assert self._path is not None
-            raw = sqlite3.connect(self._path, check_same_thread=True, cached_statements=256)
-            prepare_sqlite_connection(raw)
+            raw = self._here = _raw_connection(self._path)
             raw.execute("PRAGMA busy_timeout=0")  # never hold the loop waiting for a lock
-            self._here = raw
         started = time.perf_counter()
         try:
             raw.execute("BEGIN IMMEDIATE")
@@ -307,12 +305,7 @@ class SqliteDatabase(Database):
             if raw.in_transaction:
                 raise
             raise _LockedElsewhere from None  # the writer thread waits for it instead
-        try:
-            result = fn(raw)
-        except BaseException:
-            raw.execute("ROLLBACK")
-            raise
-        raw.execute("COMMIT")
+        result = _commit_after(raw, fn)
         # The loop stood still meanwhile. Measured on a 2-core VM at 200 sends/s: 0.59 ms at the
         # median, 0.9 at p99, 2.2 at p99.9 (the fsync): an average, so one outlier is not enough.
         self._here_s += (time.perf_counter() - started - self._here_s) / 8
@@ -325,17 +318,9 @@ class SqliteDatabase(Database):
         raw: sqlite3.Connection | None = getattr(self._raw, "connection", None)
         if raw is None:
             assert self._path is not None
-            raw = sqlite3.connect(self._path, timeout=30, check_same_thread=True, cached_statements=256)
-            prepare_sqlite_connection(raw)
-            self._raw.connection = raw
+            raw = self._raw.connection = _raw_connection(self._path)
         raw.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(raw)
-        except BaseException:
-            raw.execute("ROLLBACK")
-            raise
-        raw.execute("COMMIT")
-        return result
+        return _commit_after(raw, fn)
 
     def _close_raw(self) -> None:
         raw: sqlite3.Connection | None = getattr(self._raw, "connection", None)
@@ -355,6 +340,23 @@ class SqliteDatabase(Database):
 
 
 # ----------------------------------------------------------------- PostgreSQL
+
+
+def _raw_connection(path: str) -> sqlite3.Connection:
+    raw = sqlite3.connect(path, timeout=30, check_same_thread=True, cached_statements=256)
+    prepare_sqlite_connection(raw)
+    return raw
+
+
+def _commit_after(raw: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    """``fn`` in the write transaction just begun on ``raw``: committed, or rolled back if it raised."""
+    try:
+        result = fn(raw)
+    except BaseException:
+        raw.execute("ROLLBACK")
+        raise
+    raw.execute("COMMIT")
+    return result
 
 
 class PostgresDatabase(Database):
