@@ -51,7 +51,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mqchat.bridge import cluster_scripts as scripts
 from mqchat.bridge.redis_client import address_of, connect, master_now
@@ -64,6 +66,8 @@ PREFIX = "mqchat:"
 CONTROL = PREFIX + "ctl"
 _FRAME = struct.Struct("!HI")
 _MAX_UNSENT_USERS = 10_000  # beyond this, a node asks for a resync of everyone instead
+# A publish lost on the way (the link, not Redis's answer): worth sending again.
+_LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 _REDIS_TIMEOUT = 2.0
 
 
@@ -294,7 +298,8 @@ class RedisCluster:
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._remember_unsent(channel.removeprefix(PREFIX + "u:") for channel, _ in batch)
-            self._resync_again(message for channel, message in batch if channel == CONTROL)
+            if isinstance(exc, _LINK_ERRORS):  # an error reply (say NOPERM) would only repeat
+                self._resync_again(message for channel, message in batch if channel == CONTROL)
             self._broken(f"publishing failed: {exc!r}", exc)
 
     def _remember_unsent(self, users: Iterable[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,3 +216,52 @@ async def test_after_a_slow_commit_here_the_next_sends_go_to_the_writer_thread(
         assert db.ran_here == 2
     finally:
         await store.close()
+
+
+async def test_the_loop_s_connection_leaves_checkpoints_to_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying the WAL back (up to 40 MiB and an fsync) must not stall the event loop."""
+    store = await _store(tmp_path / "checkpoint.db", raw=True)
+    db = store.db
+    assert isinstance(db, SqliteDatabase)
+    monkeypatch.setattr(database, "HERE_CHECKPOINT_EVERY", 3)
+    ran_on: list[str] = []
+    checkpoint = SqliteDatabase._checkpoint
+
+    def spy(self: SqliteDatabase) -> None:
+        ran_on.append(threading.current_thread().name)
+        checkpoint(self)
+
+    monkeypatch.setattr(SqliteDatabase, "_checkpoint", spy)
+    try:
+        for n in range(7):
+            _stored(await store.save_messages(_send(n)))
+        assert db.ran_here == 7
+        await asyncio.gather(*db._checkpoints)
+        assert len(ran_on) == 2 and all(name.startswith("mqchat-sqlite-write") for name in ran_on), ran_on
+        assert db._here is not None
+        settings = [db._here.execute(f"PRAGMA {name}").fetchone()[0] for name in ("wal_autocheckpoint", "busy_timeout")]
+        assert settings == [0, 0]
+    finally:
+        await store.close()
+
+
+def test_a_commit_that_fails_is_rolled_back_and_frees_the_lock(tmp_path: Path) -> None:
+    """A deferred foreign key fails at COMMIT, which leaves the transaction open: left so, the
+    connection would keep the write lock."""
+    path = tmp_path / "deferred.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("PRAGMA foreign_keys=ON")
+    raw.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    raw.execute("CREATE TABLE child (id INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    raw.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.IntegrityError):
+        database._commit_after(raw, lambda conn: conn.execute("INSERT INTO child VALUES (1)"))
+    assert not raw.in_transaction
+    other = sqlite3.connect(path, isolation_level=None, timeout=0)
+    other.execute("BEGIN IMMEDIATE")  # the lock is free
+    other.execute("ROLLBACK")
+    assert raw.execute("SELECT count(*) FROM child").fetchone() == (0,)
+    other.close()
+    raw.close()
