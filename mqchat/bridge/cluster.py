@@ -327,7 +327,10 @@ class RedisCluster:
     # ------------------------------------------------------------ reading
 
     async def _read_loop(self) -> None:
-        while True:
+        # Each loop also ends on ``_stopping``: Python 3.11's ``asyncio.wait_for`` (here and in
+        # redis-py) can swallow a cancellation that lands as its inner call finishes, and a loop
+        # that went on would hold ``stop()`` for ever (a test caught a heartbeat doing so).
+        while not self._stopping:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
             except (RedisError, OSError, TimeoutError, AttributeError) as exc:
@@ -493,7 +496,7 @@ class RedisCluster:
 
     async def _heartbeat_loop(self) -> None:
         ttl_ms = int(self._settings.node_ttl_seconds * 1000)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._settings.heartbeat_seconds)
             try:
                 await self._redis.set(self._node_key, self.node_id, px=ttl_ms)
@@ -536,7 +539,7 @@ class RedisCluster:
     async def _probe_loop(self) -> None:
         """A subscription can die without an error (a half-open connection): send ourselves a
         message and reconnect when it does not come back."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._settings.probe_seconds)
             if not self._subscribed:
                 continue
