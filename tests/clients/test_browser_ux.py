@@ -234,6 +234,45 @@ async def test_group_creation_and_membership(server: RunningServer, pages: Any) 
     await expect(alice.testid("conversation-status")).to_have_text("1 members")
 
 
+async def test_an_older_refresh_that_answers_last_does_not_undo_a_member_change(
+    server: RunningServer, pages: Any
+) -> None:
+    for name in ("alice", "bob", "carol"):
+        await register(server, name)
+    alice = await pages()
+    await alice.login("alice")
+    cid = await alice.create_group("Book club", "bob")
+    await alice.testid("members-toggle").click()
+    members = alice.testid("member-list").get_by_test_id("member")
+    await expect(members).to_have_count(2)
+
+    # A background refresh reads the group before carol is added and answers only afterwards.
+    read, release, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def hold_once(route: Any) -> None:
+        if route.request.method != "GET" or read.is_set():
+            await route.continue_()
+            return
+        stale = await route.fetch()
+        read.set()
+        await release.wait()
+        await route.fulfill(response=stale)
+        answered.set()
+
+    await alice.page.route("**/v1/groups", hold_once)
+    await alice.page.evaluate("refreshInBackground()")
+    await asyncio.wait_for(read.wait(), 10)
+    await alice.testid("member-add-user").fill("carol")
+    await alice.testid("member-add-submit").click()
+    await expect(members).to_have_count(3)
+    await alice.page.wait_for_timeout(1000)  # the refresh carol's member event asks for, too
+    release.set()
+    await asyncio.wait_for(answered.wait(), 10)
+    await alice.page.wait_for_timeout(500)  # time for the page to apply the stale answer, if it would
+    await expect(members).to_have_count(3)
+    assert await alice.conversation(cid).count() == 1
+
+
 async def test_scrolling_back_through_all_of_history(server: RunningServer, pages: Any) -> None:
     await register(server, "alice")
     bob_token = await register(server, "bob")

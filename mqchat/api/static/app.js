@@ -106,6 +106,8 @@ const state = {
   watched: [], // the live topics of the open conversation (presence, group typing)
   blobs: new Map(), // file id (+ ":thumb") -> object URL
   showMembers: false,
+  refreshes: 0, // refreshes of the list started: only the newest one's answer is applied
+  refreshing: null, // the newest refresh (a promise)
 };
 
 const key = (name) => `mqchat.${name}.${state.user}.${state.device}`;
@@ -714,9 +716,17 @@ function isGroupGone(id) {
   return kind === "group" && !state.groups.has(target);
 }
 
-async function refreshConversations() {
+function refreshConversations() {
+  state.refreshing = fetchConversations(++state.refreshes);
+  return state.refreshing;
+}
+
+async function fetchConversations(ticket) {
   if (!state.token) return;
   const [list, groups] = await Promise.all([api("GET", "/v1/conversations?limit=200"), api("GET", "/v1/groups")]);
+  // Refreshes overlap (a timer's and a member change's). An older answer that arrived last would
+  // put back the members or names from before the change: the newest refresh answers for it.
+  if (ticket !== state.refreshes) return state.refreshing;
   state.groups = new Map(groups.groups.map((g) => [g.group_id, g]));
   // A group the user left (or was removed from) stays in their stream, not in the list.
   state.conversations = list.conversations.filter((c) => !isGroupGone(c.conversation_id));
