@@ -24,6 +24,7 @@ from mqchat.broker.server import MqttServer
 from mqchat.config import Settings
 from mqchat.logs import quiet_libraries
 from mqchat.logthrottle import LogThrottle
+from mqchat.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +304,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                         )
                     yield _running(services, broker, http_socks)
             finally:
-                collector.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await collector
+                await stop_task(collector)
                 await services.ops.stop()
                 services.chat.attach(None)
                 await broker.close()

@@ -10,7 +10,6 @@ HTTP the serving node closes them at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Literal, Protocol
@@ -19,6 +18,7 @@ from mqchat.bridge.auth import Accounts
 from mqchat.bridge.chat import ChatService
 from mqchat.bridge.store import Emitted, GroupInfo, GroupSummary, UserRecord
 from mqchat.core.ids import check_id
+from mqchat.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,7 @@ class Administration:
 
     async def stop(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await stop_task(self._watcher)
             self._watcher = None
 
     async def _watch(self) -> None:

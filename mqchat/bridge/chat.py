@@ -51,6 +51,7 @@ from mqchat.core.protocol import (
     parse_command,
 )
 from mqchat.core.topics import inbox_topic
+from mqchat.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +219,7 @@ class ChatService:
         if self._worker is None:
             return
         await self._queue.join()
-        self._worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._worker
+        await stop_task(self._worker)
         self._worker = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -434,7 +433,8 @@ class ChatService:
                 if response.events or remaining <= 0:
                     return response
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, remaining)
+                    async with asyncio.timeout(remaining):
+                        await waiter
 
     async def catch_up(self, device: DeviceAddress) -> None:
         """Send a device everything after its cursor, as paged ``sync_response``s.

@@ -238,8 +238,10 @@ class RedisCluster:
         waiter = asyncio.get_running_loop().create_future()
         self._confirmations[channel] = waiter
         try:
-            await asyncio.wait_for(self._pubsub.subscribe(channel), _REDIS_TIMEOUT)
-            await asyncio.wait_for(asyncio.shield(waiter), _REDIS_TIMEOUT)
+            async with asyncio.timeout(_REDIS_TIMEOUT):
+                await self._pubsub.subscribe(channel)
+            async with asyncio.timeout(_REDIS_TIMEOUT):
+                await asyncio.shield(waiter)
         except (RedisError, OSError, TimeoutError) as exc:
             self._broken(f"subscribing to {channel} failed: {exc!r}", exc)
             self._request_resubscribe()  # the channel is not on the subscription we have
@@ -381,7 +383,8 @@ class RedisCluster:
                 self._pubsub = pubsub
                 await pubsub.subscribe(*channels)
                 while not all(w.done() for w in waiters.values()):
-                    message = await asyncio.wait_for(pubsub.get_message(timeout=_REDIS_TIMEOUT), _REDIS_TIMEOUT * 2)
+                    async with asyncio.timeout(_REDIS_TIMEOUT * 2):
+                        message = await pubsub.get_message(timeout=_REDIS_TIMEOUT)
                     if message is None:
                         raise TimeoutError("no subscription confirmation")
                     self._dispatch(message)
@@ -431,7 +434,8 @@ class RedisCluster:
         self._confirmations.clear()
         if pubsub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(pubsub.aclose(), _REDIS_TIMEOUT)
+                async with asyncio.timeout(_REDIS_TIMEOUT):
+                    await pubsub.aclose()
 
     def _broken(self, why: str, exc: BaseException | None = None) -> None:
         if self._healthy:
@@ -514,7 +518,8 @@ class RedisCluster:
     async def _check_master(self) -> None:
         """Behind Sentinel: follow a new master even while the old one still answers."""
         try:
-            master = await asyncio.wait_for(master_now(self._redis), _REDIS_TIMEOUT)  # the heartbeat must go on
+            async with asyncio.timeout(_REDIS_TIMEOUT):  # the heartbeat must go on
+                master = await master_now(self._redis)
         except (RedisError, OSError, TimeoutError) as exc:
             # The master still answers (the heartbeat just wrote to it): no reason to degrade.
             # Say so once; new connections will fail until a Sentinel answers again.
@@ -547,7 +552,8 @@ class RedisCluster:
             self._probe_seen.clear()
             try:
                 await self._redis.publish(self._probe_channel, self._probe_nonce)
-                await asyncio.wait_for(self._probe_seen.wait(), self._settings.probe_timeout_seconds)
+                async with asyncio.timeout(self._settings.probe_timeout_seconds):
+                    await self._probe_seen.wait()
             except (RedisError, OSError, TimeoutError) as exc:
                 if self._stopping:
                     return
@@ -765,7 +771,8 @@ class RedisCluster:
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self._redis.ping(), _REDIS_TIMEOUT))
+            async with asyncio.timeout(_REDIS_TIMEOUT):
+                return bool(await self._redis.ping())
         except (RedisError, OSError, TimeoutError):
             return False
 

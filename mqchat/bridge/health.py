@@ -14,7 +14,6 @@ behind a stuck database. A change of state is logged once, not every check.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Literal, Protocol
 
 from mqchat.bridge.metrics import Metrics
 from mqchat.core.errors import StorageUnavailable
+from mqchat.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,11 @@ class HealthMonitor:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         if self._probe is not None and not self._probe.done():
             # A write stuck on a silent database: the store's own timeouts end it.
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+            await stop_task(self._probe)
 
 
 def _since(started: float) -> float:

@@ -35,6 +35,7 @@ from mqchat.bridge.store import PushClaim
 from mqchat.config import PushSettings
 from mqchat.core.errors import StorageUnavailable
 from mqchat.core.protocol import format_time
+from mqchat.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,7 @@ class PushService:
 
     async def stop(self) -> None:
         if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+            await stop_task(self._worker)
             self._worker = None
 
     async def _run(self) -> None:
@@ -187,7 +186,8 @@ class PushService:
                 # Not less than MIN_WAIT: due events that another node holds must not spin us.
                 wait = min(POLL_SECONDS, max(MIN_WAIT_SECONDS, (due - now_ms()) / 1000))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.hook.wake.wait(), wait)
+            async with asyncio.timeout(wait):
+                await self.hook.wake.wait()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)

@@ -201,7 +201,8 @@ class _WaitForRoom:
                     # A release between the refusal and here is missed: the wait then ends at
                     # the next release (or the deadline), never hangs.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._room.wait(), remaining)
+                        async with asyncio.timeout(remaining):
+                            await self._room.wait()
 
     async def release(self, connection: Any) -> None:
         await super().release(connection)  # type: ignore[misc]

@@ -15,7 +15,6 @@ once: the deletions are idempotent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from typing import Protocol
 from mqchat.bridge.store import PruneTarget
 from mqchat.config import RetentionSettings
 from mqchat.core.errors import StorageUnavailable
+from mqchat.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ class RetentionPruner:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
 
     async def _loop(self) -> None:

@@ -217,3 +217,24 @@ async def test_no_event_is_lost_when_the_server_is_killed_mid_delivery(tmp_path:
         finally:
             await store.close()
         assert all(d.signed_with(SECRET) for d in hook.deliveries)
+
+
+async def test_the_worker_stops_when_a_wake_up_lands_with_the_stop(server: RunningServer) -> None:
+    """Python 3.11's ``asyncio.wait_for`` returns the inner result when a cancellation lands
+    just as its wait ends, swallowing it: the worker would go on and ``stop()`` hang."""
+    push = push_service(server)
+    for yields in range(8):  # each ordering of the wake-up's callbacks against the cancellation
+        push.start()
+        await asyncio.sleep(0.2)  # parked in its wait for a wake-up
+        worker = push._worker
+        assert worker is not None
+        push.hook.wake.set()
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        stopping = asyncio.create_task(push.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=3)  # stop_task cancels again after 5 s
+        if not done:
+            worker.cancel()  # end it, then fail
+        await stopping
+        assert done, f"the worker went on after its cancellation ({yields} yields)"
+        assert worker.cancelled()

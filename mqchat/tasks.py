@@ -1,0 +1,33 @@
+"""Stopping a background task so that a shutdown cannot hang on it.
+
+Python 3.11's ``asyncio.wait_for`` returns the inner result when a cancellation lands just as
+the inner wait ends, so the cancellation is lost and a ``while True`` worker goes on. Our own
+waits use ``asyncio.timeout`` instead, which does not lose it; libraries may still. And a
+``stop()`` written as ``cancel(); with suppress(CancelledError): await task`` also swallows a
+cancellation of the caller itself (a shutdown that gives up waiting), then returns as if done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CANCEL_AGAIN_SECONDS = 5.0
+"""How long a cancelled task may take to end before it is cancelled again."""
+
+
+async def stop_task(task: asyncio.Future[Any], *, again_after: float = CANCEL_AGAIN_SECONDS) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling it again if it carries on.
+
+    The task's own ``CancelledError`` is the expected end and is dropped, another exception it
+    ends with is raised; a cancellation of the caller is raised at once."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=again_after)
+        if not task.done():
+            log.warning("%r went on after it was cancelled; cancelling it again", task)
+    if not task.cancelled():
+        task.result()
