@@ -257,6 +257,7 @@ function logout(message) {
     user: null, token: null, ready: false, open: null, conversations: [], messages: new Map(),
     held: new Map(), outbox: [], delivered: {}, read: {}, readUpTo: {}, eventKey: null, verify: null,
     watched: [], presence: new Map(), typing: new Map(), uploads: [],
+    refreshes: state.refreshes + 1, refreshing: null, // a refresh in flight belongs to the old session
   });
   document.body.classList.remove("in-conversation");
   setStatus("offline");
@@ -725,8 +726,9 @@ async function fetchConversations(ticket) {
   if (!state.token) return;
   const [list, groups] = await Promise.all([api("GET", "/v1/conversations?limit=200"), api("GET", "/v1/groups")]);
   // Refreshes overlap (a timer's and a member change's). An older answer that arrived last would
-  // put back the members or names from before the change: the newest refresh answers for it.
-  if (ticket !== state.refreshes) return state.refreshing;
+  // put back the members or names from before the change: the newest refresh answers for it. Its
+  // failure is its own caller's to report, not this one's (a click handler without a catch).
+  if (ticket !== state.refreshes) return state.refreshing?.catch(() => {});
   state.groups = new Map(groups.groups.map((g) => [g.group_id, g]));
   // A group the user left (or was removed from) stays in their stream, not in the list.
   state.conversations = list.conversations.filter((c) => !isGroupGone(c.conversation_id));
