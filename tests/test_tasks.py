@@ -68,3 +68,24 @@ async def test_a_task_already_done_is_left_as_it_is() -> None:
     await task
     await stop_task(task)
     assert not task.cancelled()
+
+
+async def test_a_task_that_never_ends_is_left_after_its_attempts(caplog: pytest.LogCaptureFixture) -> None:
+    released = asyncio.Event()
+    cancels = 0
+
+    async def deaf() -> None:
+        nonlocal cancels
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                cancels += 1
+
+    task = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stop_task(task, again_after=0.02, attempts=3), 5)
+    assert cancels == 3 and not task.done()
+    assert "did not end after 3 cancellations" in caplog.text
+    released.set()
+    await task

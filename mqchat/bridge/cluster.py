@@ -59,6 +59,7 @@ from mqchat.bridge import cluster_scripts as scripts
 from mqchat.bridge.redis_client import address_of, connect, master_now
 from mqchat.config import ClusterSettings
 from mqchat.core.ids import DeviceAddress
+from mqchat.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +484,10 @@ class RedisCluster:
         async with self._resubscribing:
             if self._stopping or not self._tasks:
                 return
-            self._tasks[0].cancel()
-            await asyncio.gather(self._tasks[0], return_exceptions=True)
+            # Not gather: a reader that loses its cancellation (redis-py still uses wait_for)
+            # would hold _resubscribing, and with it every later resubscribe, for ever.
+            with contextlib.suppress(Exception):
+                await stop_task(self._tasks[0])
             await self._reconnect()
             self._tasks[0] = asyncio.create_task(self._read_loop(), name="mqchat-cluster-reader")
 
