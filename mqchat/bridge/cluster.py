@@ -330,9 +330,9 @@ class RedisCluster:
     # ------------------------------------------------------------ reading
 
     async def _read_loop(self) -> None:
-        # Each loop also ends on ``_stopping``: Python 3.11's ``asyncio.wait_for`` (here and in
-        # redis-py) can swallow a cancellation that lands as its inner call finishes, and a loop
-        # that went on would hold ``stop()`` for ever (a test caught a heartbeat doing so).
+        # Each loop also ends on ``_stopping``: Python 3.11's ``asyncio.wait_for`` (inside redis-py;
+        # ours use asyncio.timeout) can swallow a cancellation that lands as its inner call finishes,
+        # and a loop that went on would hold ``stop()`` for ever (a test caught a heartbeat doing so).
         while not self._stopping:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
