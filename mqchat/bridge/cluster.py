@@ -193,9 +193,7 @@ class RedisCluster:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(stop_task(task) for task in self._tasks), return_exceptions=True)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush()
