@@ -165,6 +165,34 @@ async def test_errors_in_words_and_an_unknown_user_refused_at_once(server: Runni
     alice.console_errors = [e for e in alice.console_errors if "404" not in e]  # the refused GET /v1/users/nobody
 
 
+async def test_a_call_the_server_never_answers_ends_in_words_not_a_spinner(server: RunningServer, pages: Any) -> None:
+    await register(server, "alice")
+    await register(server, "bob")
+    alice = await pages()
+    await alice.login("alice")
+    stop = asyncio.Event()
+
+    async def never_answer(route: Any) -> None:
+        await stop.wait()
+        with contextlib.suppress(Exception):  # the page gave up on it already
+            await route.abort()
+
+    await alice.page.route("**/v1/users/bob", never_answer)
+    await alice.page.clock.install()  # the page's timers from now on run on the test's clock
+    try:
+        await alice.testid("new-chat-user").fill("bob")
+        await alice.testid("new-chat-submit").click()
+        await alice.page.clock.fast_forward(29_000)
+        await expect(alice.testid("error")).to_be_hidden()  # a slow answer is still awaited
+        await alice.page.clock.fast_forward(2_000)  # past the page's 30 s
+        await expect(alice.testid("error")).to_have_text("The server did not answer in time. Try again.")
+        await expect(alice.conversation("user:bob")).to_have_count(0)
+    finally:
+        stop.set()
+    await alice.page.unroute("**/v1/users/bob")
+    await alice.chat_with("bob")  # the next call goes through
+
+
 async def test_typing_and_presence(server: RunningServer, pages: Any) -> None:
     await register(server, "alice")
     await register(server, "bob")

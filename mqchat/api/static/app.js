@@ -18,6 +18,8 @@ const ID_RE = /^[A-Za-z0-9_.-]{1,64}$/;
 const PAGE_SIZE = 50;
 const TYPING_IDLE_MS = 3000;
 const TYPING_SHOWN_MS = 6000;
+const REQUEST_TIMEOUT_MS = 30000;
+const TRANSFER_TIMEOUT_MS = 10 * 60 * 1000; // uploads and downloads of files: up to the size limit on a slow link
 
 const $ = (id) => document.getElementById(id);
 
@@ -122,12 +124,22 @@ class ApiError extends Error {
   }
 }
 
-async function request(method, path, { body, headers = {} } = {}) {
+/**
+ * One HTTP call. A server that accepts the connection and never answers (a stalled proxy, a
+ * node in trouble) must not leave a button spinning for ever: the call is aborted after
+ * `timeoutMs` (reading the body included) and reported as `timeout`. A timer of the page's own
+ * (not AbortSignal.timeout) so that a test's fake clock can run it.
+ */
+async function request(method, path, { body, headers = {}, timeoutMs = REQUEST_TIMEOUT_MS } = {}) {
   if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), timeoutMs);
   let response;
   try {
-    response = await fetch(path, { method, headers, body });
+    response = await fetch(path, { method, headers, body, signal: abort.signal });
   } catch {
+    clearTimeout(timer);
+    if (abort.signal.aborted) throw new ApiError(0, "timeout", "the server did not answer in time");
     throw new ApiError(0, "network", "the server cannot be reached");
   }
   if (response.status === 401 && state.token) {
@@ -135,8 +147,11 @@ async function request(method, path, { body, headers = {} } = {}) {
   }
   if (!response.ok) {
     const data = await response.json().catch(() => null);
+    clearTimeout(timer);
     throw new ApiError(response.status, data?.error?.code ?? "http_error", data?.error?.message ?? response.statusText);
   }
+  // The caller reads the body after this returns: the timer runs on until it has, and is
+  // harmless once it has (aborting a finished fetch does nothing).
   return response;
 }
 
@@ -151,7 +166,7 @@ async function fileUrl(fileId, thumbnail = false) {
   const cacheKey = thumbnail ? `${fileId}:thumb` : fileId;
   if (!state.blobs.has(cacheKey)) {
     const path = `/v1/files/${encodeURIComponent(fileId)}${thumbnail ? "/thumbnail" : ""}`;
-    const promise = request("GET", path).then((r) => r.blob()).then((blob) => URL.createObjectURL(blob));
+    const promise = request("GET", path, { timeoutMs: TRANSFER_TIMEOUT_MS }).then((r) => r.blob()).then((blob) => URL.createObjectURL(blob));
     state.blobs.set(cacheKey, promise);
     promise.catch(() => state.blobs.delete(cacheKey));
   }
@@ -163,7 +178,7 @@ async function uploadFile(file) {
   if (limit && file.size > limit) throw new ApiError(413, "file_too_large", `larger than ${limit} bytes`);
   const form = new FormData();
   form.append("file", file, file.name);
-  return (await request("POST", "/v1/files", { body: form })).json();
+  return (await request("POST", "/v1/files", { body: form, timeoutMs: TRANSFER_TIMEOUT_MS })).json();
 }
 
 // ---------------------------------------------------------------------------------- UI helpers
@@ -177,6 +192,7 @@ function formatSize(bytes) {
 /** What an error means to a person, rather than its code. */
 const FRIENDLY = {
   network: () => "Cannot reach the server. Check your connection and try again.",
+  timeout: () => "The server did not answer in time. Try again.",
   invalid_credentials: () => "Wrong user name or password.",
   unknown_user: () => "There is no user with that name.",
   unknown_recipient: () => "There is no user with that name.",
