@@ -248,11 +248,17 @@ class FdExhaustion:
         self._probe = loop.create_task(self.probe(), name="mqchat-fd-probe")
         return self
 
-    def uninstall(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+    async def uninstall(self) -> None:
+        """Give the loop its handler back and stop the probe; nothing of it outlives the server
+        (a probe still pending when the loop closes is reported as destroyed)."""
         if self._loop is not None and self._loop.get_exception_handler() == self._handler:
             self._loop.set_exception_handler(self._previous)
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            try:
+                await stop_task(probe)
+            except Exception:  # the probe died earlier; the shutdown goes on
+                log.exception("the open-file probe had failed")
 
     def _handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         if self.handle_exception(context):
@@ -310,7 +316,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                 await broker.close()
                 await host.shutdown()
     finally:
-        fds.uninstall()
+        await fds.uninstall()
         for sock in http_socks.values():
             sock.close()
 
