@@ -316,9 +316,11 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
                 await broker.close()
                 await host.shutdown()
     finally:
-        await fds.uninstall()
-        for sock in http_socks.values():
-            sock.close()
+        try:
+            await fds.uninstall()
+        finally:  # a shutdown cancelled while it waits for the probe still closes the sockets
+            for sock in http_socks.values():
+                sock.close()
 
 
 def _running(services: Services, broker: MqttServer, http_socks: dict[str, socket.socket]) -> RunningServer:
