@@ -32,6 +32,7 @@ from typing import ClassVar, cast
 import uvloop
 from sqlalchemy import create_engine
 
+from mqchat.bench.targets import Process, ProcStats
 from mqchat.bridge.storage.database import prepare_sqlite_connection
 from mqchat.bridge.storage.dialect import INSERT_EVENTS_SQL, UPDATE_HEAD_SQL
 from mqchat.bridge.storage.schema import migrate
@@ -42,9 +43,9 @@ COMMAND, DELIVERY, ACK, PUBACK = b"C", b"D", b"K", b"P"
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    seconds = ProcStats([Process("server", pid)]).cpu_seconds()["server"]
+    assert seconds is not None, "the server's /proc/PID/stat cannot be read"
+    return seconds
 
 
 class Store:
@@ -52,9 +53,8 @@ class Store:
 
     def __init__(self, kind: str, where: str, users: int) -> None:
         self.kind = kind
-        self.page = b"x" * 4096
-        self.offset = 0
         if kind == "fsync":
+            self.page, self.offset = b"x" * 4096, 0
             self.fd = os.open(os.path.join(where, "wal"), os.O_RDWR | os.O_CREAT)
             os.pwrite(self.fd, b"\0" * (64 << 20), 0)
             os.fsync(self.fd)
@@ -115,23 +115,32 @@ class Store:
         db.execute("COMMIT")
 
 
-class Relay(asyncio.Protocol):
-    peers: ClassVar[dict[int, Relay]] = {}  # device number -> its connection
+class Framed(asyncio.Protocol):
+    """Fixed-size frames in both directions (asyncio and uvloop set TCP_NODELAY themselves)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self) -> None:
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.get_extra_info("socket").setsockopt(6, 1, 1)  # TCP_NODELAY, as the broker sets
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while len(self.buffer) >= FRAME:
             frame, self.buffer = self.buffer[:FRAME], self.buffer[FRAME:]
             self.handle(frame)
+
+    def handle(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+
+class Relay(Framed):
+    peers: ClassVar[dict[int, Relay]] = {}  # device number -> its connection
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
 
     def handle(self, frame: bytes) -> None:
         kind, who = frame[:1], int.from_bytes(frame[1:3], "big")
@@ -160,26 +169,21 @@ def serve(port: int, store_kind: str, users: int, bound: multiprocessing.queues.
     asyncio.run(main())
 
 
-class Device(asyncio.Protocol):
+class Device(Framed):
     def __init__(self, me: int) -> None:
+        super().__init__()
         self.me = me
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
         self.delivered = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self.transport.get_extra_info("socket").setsockopt(6, 1, 1)
-        self.transport.write(b"H" + self.me.to_bytes(2, "big") + bytes(FRAME - 3))
+        super().connection_made(transport)
+        cast(asyncio.Transport, transport).write(b"H" + self.me.to_bytes(2, "big") + bytes(FRAME - 3))
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= FRAME:
-            frame, self.buffer = self.buffer[:FRAME], self.buffer[FRAME:]
-            if frame[:1] == DELIVERY:
-                self.delivered += 1
-            assert self.transport is not None
-            self.transport.write(PUBACK + frame[1:])
+    def handle(self, frame: bytes) -> None:
+        if frame[:1] == DELIVERY:
+            self.delivered += 1
+        assert self.transport is not None
+        self.transport.write(PUBACK + frame[1:])
 
 
 async def drive(port: int, clients: int, rate: float, duration: float, server_pid: int) -> tuple[float, int]:
