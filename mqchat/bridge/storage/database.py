@@ -31,6 +31,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -51,8 +52,11 @@ Transaction = Callable[[Connection], _T]
 RETRIES = 5
 READERS = 2
 HERE_BUDGET_S = 0.002
-"""When send transactions on the event loop's thread take longer than this (a moving average:
-a slow fsync, a busy disk), the next ones go to the writer thread for ``THREAD_AFTER_SLOW_S``."""
+HERE_SLOW_OF = (2, 8)
+"""When two of the last eight send transactions on the event loop's thread took longer than
+``HERE_BUDGET_S`` (slow fsyncs, a busy disk), the next ones go to the writer thread for
+``THREAD_AFTER_SLOW_S``. One alone does not: it has already stalled the loop, and the move costs
+every send of those seconds the hand-off to the writer thread (docs/performance.md)."""
 THREAD_AFTER_SLOW_S = 10.0
 HERE_CHECKPOINT_EVERY = 200
 """The event loop's connection does not checkpoint the WAL (copying up to 40 MiB back into the
@@ -233,7 +237,7 @@ class SqliteDatabase(Database):
         # Transactions handed to the writer thread and not finished (counted on the loop's thread).
         self._writer_busy = 0
         self._thread_until = 0.0
-        self._here_s = 0.0  # moving average of a transaction's time on the loop's thread
+        self._here_slow: deque[bool] = deque(maxlen=HERE_SLOW_OF[1])  # the last ones here: slow?
         self._here: sqlite3.Connection | None = None
         self._closing = False
         self._checkpoints: set[asyncio.Future[None]] = set()
@@ -311,17 +315,25 @@ class SqliteDatabase(Database):
         except sqlite3.OperationalError:
             raise _LockedElsewhere from None  # the writer thread waits for the lock instead
         result = _commit_after(raw, fn)
-        # The loop stood still meanwhile. Measured on a 2-core VM at 200 sends/s: 0.59 ms at the
-        # median, 0.9 at p99, 2.2 at p99.9 (the fsync): an average, so one outlier is not enough.
-        self._here_s += (time.perf_counter() - started - self._here_s) / 8
-        if self._here_s > HERE_BUDGET_S:
-            self._thread_until = time.monotonic() + THREAD_AFTER_SLOW_S
+        self._stood_still(time.perf_counter() - started)
         self.ran_here += 1
         if self.ran_here % HERE_CHECKPOINT_EVERY == 0:
             checkpoint = asyncio.ensure_future(self._on_writer(self._checkpoint))
             self._checkpoints.add(checkpoint)
             checkpoint.add_done_callback(self._checkpoints.discard)
         return result
+
+    def _stood_still(self, seconds: float) -> None:
+        """The loop stood still for ``seconds`` in a transaction here. Measured on 2-core VMs at
+        200 sends/s: 0.59 ms at the median, 0.9 at p99, 2.2 at p99.9; every 15-35 s one fsync of
+        20-50 ms, and once a 10 s burst of them up to 172 ms."""
+        self._here_slow.append(seconds > HERE_BUDGET_S)
+        if sum(self._here_slow) >= HERE_SLOW_OF[0]:
+            self._thread_until = time.monotonic() + THREAD_AFTER_SLOW_S
+            # After that while the count starts afresh. (A moving average did not forget a
+            # burst: replayed over 140 s of measured commits, it moved 8 times and sent half the
+            # sends the slower way, this rule 3 times and 17 %; docs/performance.md.)
+            self._here_slow.clear()
 
     def _checkpoint(self) -> None:
         """On the writer thread: copy the WAL back as far as no reader needs it (never waits)."""
