@@ -198,18 +198,28 @@ async def test_while_the_writer_thread_is_busy_a_send_queues_behind_it(tmp_path:
         await store.close()
 
 
-def _stall_first(monkeypatch: pytest.MonkeyPatch, stalls: int, seconds: float = 0.3) -> None:
-    """The first ``stalls`` transactions here take ``seconds`` longer (a slow fsync)."""
+async def _stalling(path: Path, monkeypatch: pytest.MonkeyPatch, stalls: int) -> tuple[SqlStore, SqliteDatabase]:
+    """A store whose first ``stalls`` transactions on the loop's thread take 0.3 s longer (a
+    slow fsync), where 30 ms counts as slow and a real commit here is far below."""
+    store = await _store(path, raw=True)
+    assert isinstance(store.db, SqliteDatabase)
+    monkeypatch.setattr(database, "HERE_BUDGET_S", 0.03)
     commit = database._commit_after
     left = [stalls]
 
     def slow(raw: sqlite3.Connection, fn: Callable[[sqlite3.Connection], object]) -> object:
         if left[0] > 0:
             left[0] -= 1
-            time.sleep(seconds)
+            time.sleep(0.3)
         return commit(raw, fn)
 
     monkeypatch.setattr(database, "_commit_after", slow)
+    return store, store.db
+
+
+async def _send_all(store: SqlStore, numbers: range) -> None:
+    for n in numbers:
+        _stored(await store.save_messages(_send(n)))
 
 
 async def test_after_two_slow_commits_here_the_next_sends_go_to_the_writer_thread(
@@ -217,18 +227,12 @@ async def test_after_two_slow_commits_here_the_next_sends_go_to_the_writer_threa
 ) -> None:
     """A slow disk (fsync) would hold the loop on every send: two slow commits among the last
     few send the next ones to the writer thread for a while."""
-    store = await _store(tmp_path / "slow.db", raw=True)
-    db = store.db
-    assert isinstance(db, SqliteDatabase)
-    monkeypatch.setattr(database, "HERE_BUDGET_S", 0.03)  # a quick commit here is far below
-    _stall_first(monkeypatch, 2)
+    store, db = await _stalling(tmp_path / "slow.db", monkeypatch, stalls=2)
     try:
-        for n in range(1, 4):
-            _stored(await store.save_messages(_send(n)))
+        await _send_all(store, range(1, 4))
         assert db.ran_here == 2  # the third went to the writer thread
-        monkeypatch.setattr(database, "THREAD_AFTER_SLOW_S", 0.0)
         db._thread_until = 0.0  # the while is over
-        _stored(await store.save_messages(_send(4)))
+        await _send_all(store, range(4, 5))
         assert db.ran_here == 3
     finally:
         await store.close()
@@ -237,16 +241,11 @@ async def test_after_two_slow_commits_here_the_next_sends_go_to_the_writer_threa
 async def test_one_stall_alone_keeps_the_sends_on_the_loop_s_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A single slow fsync (every 10-30 s on a VM's disk) has stalled the loop already; moving
+    """A single slow fsync (every 15-35 s on a VM's disk) has stalled the loop already; moving
     would only cost the next sends the hand-off."""
-    store = await _store(tmp_path / "one-stall.db", raw=True)
-    db = store.db
-    assert isinstance(db, SqliteDatabase)
-    monkeypatch.setattr(database, "HERE_BUDGET_S", 0.03)
-    _stall_first(monkeypatch, 1)
+    store, db = await _stalling(tmp_path / "one-stall.db", monkeypatch, stalls=1)
     try:
-        for n in range(1, 6):
-            _stored(await store.save_messages(_send(n)))
+        await _send_all(store, range(1, 6))
         assert db.ran_here == 5
     finally:
         await store.close()
@@ -257,17 +256,11 @@ async def test_after_the_while_on_the_writer_thread_quick_commits_keep_the_sends
 ) -> None:
     """The slow commits that caused a move are forgotten with it: when the while is over, quick
     commits keep the sends on the loop's thread (they do not have to outweigh the slow ones)."""
-    store = await _store(tmp_path / "recover.db", raw=True)
-    db = store.db
-    assert isinstance(db, SqliteDatabase)
-    monkeypatch.setattr(database, "HERE_BUDGET_S", 0.03)
-    _stall_first(monkeypatch, 2)
+    store, db = await _stalling(tmp_path / "recover.db", monkeypatch, stalls=2)
     try:
-        _stored(await store.save_messages(_send(1)))
-        _stored(await store.save_messages(_send(2)))
+        await _send_all(store, range(1, 3))
         db._thread_until = 0.0  # the while is over
-        for n in range(3, 6):
-            _stored(await store.save_messages(_send(n)))
+        await _send_all(store, range(3, 6))
         assert db.ran_here == 5, "quick commits after the while did not bring the sends back"
     finally:
         await store.close()
