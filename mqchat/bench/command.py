@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mqchat.bench.run import CLUSTERS, TARGETS, Scenario, plot, raise_fd_limit, run_all, table, write_json
+from mqchat.bench.run import CLUSTERS, TARGETS, BenchError, Scenario, plot, raise_fd_limit, run_all, table, write_json
 from mqchat.bench.targets import DEFAULT_CLUSTER_DATABASE, Options
 
 
@@ -98,7 +98,11 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     )
     if "mqchat" in targets and any(t in CLUSTERS for t in targets) and not args.database_url:
         print("mqchat bench: mqchat runs on SQLite, the clusters on PostgreSQL: give --database-url", file=sys.stderr)
-    results = asyncio.run(run_all(scenario, opts, targets))
+    try:
+        results = asyncio.run(run_all(scenario, opts, targets))
+    except BenchError as exc:
+        print(f"mqchat bench: {exc}", file=sys.stderr)
+        return 1
     stem = f"bench-{args.scenario}-{args.clients}c-{int(args.rate)}r"
     write_json(args.out / f"{stem}.json", scenario, argv, results)
     print(table(results))

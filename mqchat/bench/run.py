@@ -40,6 +40,10 @@ CLUSTERS = ("cluster1", "cluster2", "cluster3")
 _S = 1_000_000_000
 
 
+class BenchError(Exception):
+    """A run that cannot measure anything (no device could connect): said in one line."""
+
+
 @dataclass(frozen=True)
 class Scenario:
     kind: str  # "one2one" | "group"
@@ -200,6 +204,8 @@ async def run_target(name: str, scenario: Scenario, opts: Options) -> dict[str, 
             result["idle_rss_mib"] = (stats.rss_bytes() or 0) / 2**20
             result["idle_rss_kib_per_device"] = (stats.rss_bytes() or 0) / 1024 / max(1, users)
             senders = _senders(scenario, opts, clients)
+            if not senders:
+                raise BenchError(_nobody_sends(name, where, opts, result))
             droppers = clients[scenario.clients :]
             _log(f"[{name}] traffic: {scenario.kind}, {len(senders)} senders, rate {scenario.rate or 'max'}")
             cpu0, gen0, t0 = stats.cpu_seconds(), time.process_time(), time.perf_counter()
@@ -277,6 +283,16 @@ def _senders(scenario: Scenario, opts: Options, clients: list[BenchClient]) -> l
         members = active[: opts.group_size]
         return [(c, None) for c in members[: max(1, scenario.group_senders)] if c.connected]
     return [(c, r) for c, r in _pairs(active)]
+
+
+def _nobody_sends(name: str, where: str, opts: Options, result: dict[str, Any]) -> str:
+    errors = result.get("connect_errors") or []
+    why = f"the first: {errors[0]}" if errors else "fewer than two devices connected"
+    hint = ""
+    if opts.mqchat_at:
+        # The devices' tokens are signed with the secret found in --data-dir (or --config's).
+        hint = "; --data-dir (or --config) must be the running server's, for its signing secret"
+    return f"[{name}] no device can send: {result.get('connect_failed', 0)} failed to connect to {where} ({why}){hint}"
 
 
 def _drop(clients: list[BenchClient]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from mqchat.bench.run import compare_clusters, table
 from tests.support import postgres
 from tests.support.cluster import REDIS_SERVER
+from tests.support.processes import ServerProcess
 from tests.support.services import service_missing
 
 pytestmark = pytest.mark.slow
@@ -105,3 +106,22 @@ def test_redis_adds_compares_one_node_with_redis_against_one_without() -> None:
     assert results[1]["p99_vs_1_node"] == pytest.approx(1.2)
     assert "p99_vs_1_node" not in results[2]  # not on the same store: not compared
     assert "+25%" in table(results).splitlines()[-1]
+
+
+async def test_bench_against_a_server_whose_secret_it_lacks_says_why_in_one_line(tmp_path: Path) -> None:
+    """``--mqchat-at`` with another server's ``--data-dir``: every CONNECT is refused. The bench
+    says so and what to give it, not a traceback."""
+    async with ServerProcess(tmp_path / "server", args=["--log-level", "WARNING"]) as server:
+        args = ["--mqchat-at", f"127.0.0.1:{server.mqtt_port}", "--data-dir", str(tmp_path / "elsewhere")]
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "mqchat.cli", "bench", *args, "--clients", "4", "--duration", "1"],
+            capture_output=True,
+            text=True,
+            timeout=110,
+            check=False,
+        )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "no device can send: 4 failed to connect" in done.stderr
+    assert "--data-dir (or --config) must be the running server's" in done.stderr
