@@ -25,6 +25,7 @@ from mqchat.bridge.push import PushHook, PushService
 from mqchat.bridge.retention import RetentionPruner
 from mqchat.bridge.storage import SqlStore
 from mqchat.bridge.storage.backup import database_file, in_use
+from mqchat.bridge.storage.database import SqliteDatabase
 from mqchat.bridge.store import MessageStore
 from mqchat.config import Settings
 
@@ -92,6 +93,8 @@ async def _services(settings: Settings, url: str, *, serving: bool) -> AsyncIter
         node_id=node_id,
     )
     store: MessageStore = sql
+    if isinstance(sql.db, SqliteDatabase):
+        metrics.watch_send_threads(sql.db)
     cluster = None
     if settings.redis_url:
         cluster = RedisCluster(settings.redis_url, settings.node_id, settings.cluster)

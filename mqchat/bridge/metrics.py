@@ -33,7 +33,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from mqchat.core.protocol import ErrorEvent, Event
 
@@ -85,6 +85,38 @@ class _NodeLabelled:
                     sample.name, {"node": self._node, **sample.labels}, sample.value, sample.timestamp, sample.exemplar
                 )
             yield labelled
+
+
+class SendThreads(Protocol):
+    """Where SQLite's send transactions ran (``SqliteDatabase``): counts since the start."""
+
+    ran_here: int
+    ran_on_writer: int
+    moved: int
+
+
+class _SendThreadsCollector:
+    """Read at scrape time: counting them costs the hot path an integer increment."""
+
+    def __init__(self, source: SendThreads) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        ran = CounterMetricFamily(
+            "mqchat_send_transactions",
+            "SQLite: transactions of sends, by the thread they ran on: the event loop's (small batches "
+            "while its commits are quick) or the writer thread's (groups, large batches, after slow commits)",
+            labels=["thread"],
+        )
+        ran.add_metric(["loop"], self._source.ran_here)
+        ran.add_metric(["writer"], self._source.ran_on_writer)
+        yield ran
+        yield CounterMetricFamily(
+            "mqchat_send_transactions_moved",
+            "SQLite: times two slow commits (over 2 ms) among the last eight on the event loop's thread "
+            "sent the next sends to the writer thread for 10 s: a slow or busy disk",
+            value=self._source.moved,
+        )
 
 
 class BrokerStats(Protocol):
@@ -214,6 +246,10 @@ class Metrics:
         self._slow_readers.inc()
 
     # ------------------------------------------------------------------ chat
+
+    def watch_send_threads(self, source: SendThreads) -> None:
+        """SQLite only: which thread the send transactions ran on (PostgreSQL has no such choice)."""
+        self._inner.register(_SendThreadsCollector(source))
 
     def watch_chat(self, queue_depth: Callable[[], int], queue_capacity: int, long_polls: Callable[[], int]) -> None:
         self.send_queue_depth.set_function(queue_depth)

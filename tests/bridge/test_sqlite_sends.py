@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from mqchat.bridge.metrics import Metrics
 from mqchat.bridge.storage import SqlStore, database
 from mqchat.bridge.storage.database import SqliteDatabase
 from mqchat.bridge.storage.sends import HERE_MAX_SENDS
@@ -228,6 +230,8 @@ async def test_after_two_slow_commits_here_the_next_sends_go_to_the_writer_threa
     """A slow disk (fsync) would hold the loop on every send: two slow commits among the last
     few send the next ones to the writer thread for a while."""
     store, db = await _stalling(tmp_path / "slow.db", monkeypatch, stalls=2)
+    metrics = Metrics("n1")
+    metrics.watch_send_threads(db)
     try:
         await _send_all(store, range(1, 4))
         assert db.ran_here == 2  # the third went to the writer thread
@@ -236,6 +240,14 @@ async def test_after_two_slow_commits_here_the_next_sends_go_to_the_writer_threa
         assert db.ran_here == 3
     finally:
         await store.close()
+    samples = {
+        (s.name, s.labels.get("thread")): s.value
+        for f in text_string_to_metric_families(metrics.exposition().decode())
+        for s in f.samples
+    }
+    assert samples["mqchat_send_transactions_total", "loop"] == 3
+    assert samples["mqchat_send_transactions_total", "writer"] == 1
+    assert samples["mqchat_send_transactions_moved_total", None] == 1
 
 
 async def test_one_stall_alone_keeps_the_sends_on_the_loop_s_thread(

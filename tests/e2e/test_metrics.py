@@ -189,6 +189,12 @@ async def test_a_chat_in_numbers(tmp_path: Path) -> None:
         assert value(samples, "mqchat_commit_duration_seconds_count") == value(
             samples, "mqchat_commit_batch_size_count"
         )
+        # Each batch is one SQLite transaction, on the loop's thread or the writer's.
+        ran = value(samples, "mqchat_send_transactions_total", thread="loop") + value(
+            samples, "mqchat_send_transactions_total", thread="writer"
+        )
+        assert ran == value(samples, "mqchat_commit_batch_size_count")
+        assert value(samples, "mqchat_send_transactions_moved_total") >= 0
         assert value(samples, "mqchat_send_queue_capacity") == 77
         assert value(samples, "mqchat_send_queue_depth") == 0
 

@@ -242,7 +242,11 @@ class SqliteDatabase(Database):
         self._closing = False
         self._checkpoints: set[asyncio.Future[None]] = set()
         self.ran_here = 0
-        """Send transactions run on the loop's thread (``run_raw(here=True)``), for the tests."""
+        """Send transactions run on the loop's thread (``run_raw(here=True)``)."""
+        self.ran_on_writer = 0
+        """Send transactions (``run_raw``) run on the writer thread."""
+        self.moved = 0
+        """Times slow commits on the loop's thread sent the next ones to the writer thread."""
 
     async def _on_writer(self, fn: Callable[..., _T], *args: Any) -> _T:
         self._writer_busy += 1
@@ -291,6 +295,7 @@ class SqliteDatabase(Database):
                 if here and self._may_run_here():
                     with contextlib.suppress(_LockedElsewhere):
                         return self._run_here(fn)
+                self.ran_on_writer += 1
                 return await self._on_writer(self._raw_transaction, fn)
             except SetChanged:
                 continue
@@ -330,6 +335,7 @@ class SqliteDatabase(Database):
         self._here_slow.append(seconds > HERE_BUDGET_S)
         if sum(self._here_slow) >= HERE_SLOW_OF[0]:
             self._thread_until = time.monotonic() + THREAD_AFTER_SLOW_S
+            self.moved += 1
             # After that while the count starts afresh. (A moving average did not forget a
             # burst: replayed over 140 s of measured commits, it moved 8 times and sent half the
             # sends the slower way, this rule 3 times and 17 %; docs/performance.md.)
