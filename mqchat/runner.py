@@ -20,7 +20,7 @@ from mqchat.api.http11 import GuardedH11Protocol
 from mqchat.api.schemas import ClientConfig
 from mqchat.bridge.composition import Services, build_services
 from mqchat.broker.amqtt_host import AmqttHost
-from mqchat.broker.server import MqttServer
+from mqchat.broker.server import ListenerPortTaken, MqttServer
 from mqchat.config import Settings
 from mqchat.logs import quiet_libraries
 from mqchat.logthrottle import LogThrottle
@@ -48,6 +48,10 @@ class RunningServer:
     metrics_port: int | None = None
 
 
+def _in_use(port: int, flag: str) -> PortInUse:
+    return PortInUse(f"port {port} is already in use; choose another with {flag}")
+
+
 def _bind(host: str, port: int, flag: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,9 +60,13 @@ def _bind(host: str, port: int, flag: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(f"port {port} is already in use; choose another with {flag}") from None
+            raise _in_use(port, flag) from None
         raise PortInUse(f"cannot listen on {host}:{port} ({exc.strerror}); check {flag}") from None
     return sock
+
+
+PORT_FLAGS = {"mqtt": "--mqtt-port", "ws": "--ws-port", "mqtts": "tls.mqtts_port", "wss": "tls.wss_port"}
+"""The MQTT listeners (``amqtt_host.LISTENERS``) and what sets each one's port."""
 
 
 def check_ports(settings: Settings) -> None:
@@ -66,12 +74,24 @@ def check_ports(settings: Settings) -> None:
     host, tls = settings.mqtt.host, settings.tls
     probes = []
     if tls.plain_listeners:
-        probes += [(settings.mqtt.port, "--mqtt-port"), (settings.mqtt.ws_port, "--ws-port")]
+        probes += [(settings.mqtt.port, "mqtt"), (settings.mqtt.ws_port, "ws")]
     if tls.enabled:
-        probes += [(tls.mqtts_port, "tls.mqtts_port"), (tls.wss_port, "tls.wss_port")]
-    for port, flag in probes:
+        probes += [(tls.mqtts_port, "mqtts"), (tls.wss_port, "wss")]
+    for port, listener in probes:
         if port:
-            _bind(host, port, flag).close()
+            _bind(host, port, PORT_FLAGS[listener]).close()
+
+
+async def _start_broker(host: AmqttHost, broker: MqttServer) -> None:
+    """A port can be taken between ``check_ports`` and the bind (seen in CI, where tests pick
+    free ports side by side): the same one-line message, not a traceback."""
+    try:
+        await host.start()
+    except Exception as exc:
+        await broker.close()  # the listeners that did start
+        if isinstance(exc, ListenerPortTaken):
+            raise _in_use(exc.port, PORT_FLAGS[exc.listener]) from None
+        raise
 
 
 def _http_sockets(settings: Settings) -> dict[str, socket.socket]:
@@ -290,7 +310,7 @@ async def run_server(settings: Settings) -> AsyncIterator[RunningServer]:
         async with build_services(settings, serving=True) as services:
             broker = MqttServer(services)
             host = AmqttHost(broker, settings)
-            await host.start()
+            await _start_broker(host, broker)
             services.chat.attach(broker)
             await services.ops.start()
             # Deletes the uploads no message carries, every files.gc_interval_seconds.

@@ -25,7 +25,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
 from amqtt.errors import BrokerError
 
-from mqchat.broker.server import ListenerKind, MqttServer
+from mqchat.broker.server import ListenerKind, ListenerPortTaken, MqttServer
 from mqchat.config import Settings
 
 RELIED_ON: dict[str, tuple[str, ...]] = {
@@ -85,6 +85,16 @@ class AmqttHost(Broker):
             }
         )
         self._server = server
+
+    async def start(self) -> None:
+        """amqtt's start, except that a port taken since ``check_ports`` comes out as our
+        ``ListenerPortTaken``, not inside amqtt's ``BrokerError`` (a traceback for the user)."""
+        try:
+            await super().start()
+        except BrokerError as exc:
+            if isinstance(exc.__cause__, ListenerPortTaken):
+                raise exc.__cause__ from None
+            raise
 
     async def _create_server_instance(
         self, listener_name: str, listener_type: Any, address: str | None, port: int, ssl_context: Any

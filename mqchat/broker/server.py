@@ -11,6 +11,7 @@ module that touches amqtt); everything per connection is ours (docs/architecture
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import ssl
@@ -55,6 +56,15 @@ log.addFilter(ThrottleFilter())
 ListenerKind = Literal["tcp", "ws"]
 LISTEN_BACKLOG = 4096  # a connect storm overflowed asyncio's default of 100; the kernel caps it at somaxconn
 _SWEEP_SECONDS = 30
+
+
+class ListenerPortTaken(Exception):
+    """A listener's port was taken when it came to bind (after ``check_ports`` found it free)."""
+
+    def __init__(self, listener: str, port: int) -> None:
+        super().__init__(f"listener {listener}: port {port} is already in use")
+        self.listener = listener
+        self.port = port
 
 
 @dataclass
@@ -106,6 +116,16 @@ class MqttServer:
         self, name: str, kind: ListenerKind, host: str | None, port: int, ssl_context: ssl.SSLContext | None
     ) -> asyncio.Server | WsServer:
         """Start one listener; the returned server is amqtt's ``Server.instance``."""
+        try:
+            return await self._listen(name, kind, host, port, ssl_context)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ListenerPortTaken(name, port) from exc
+            raise
+
+    async def _listen(
+        self, name: str, kind: ListenerKind, host: str | None, port: int, ssl_context: ssl.SSLContext | None
+    ) -> asyncio.Server | WsServer:
         server: asyncio.Server | WsServer
         if kind == "tcp":
             loop = asyncio.get_running_loop()

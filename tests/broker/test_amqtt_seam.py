@@ -9,13 +9,15 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import socket
 from pathlib import Path
 
 import pytest
 
+from mqchat import runner
 from mqchat.broker.amqtt_host import RELIED_ON
 from mqchat.config import Settings
-from mqchat.runner import run_server
+from mqchat.runner import PortInUse, run_server
 
 PACKAGE = Path(__file__).resolve().parents[2] / "mqchat"
 
@@ -73,3 +75,23 @@ async def test_the_listeners_amqtt_starts_are_ours(settings: Settings) -> None:
     async with run_server(settings) as server:
         assert server.mqtt_port and server.ws_port
         assert set(server.broker.stats) >= {"connections", "devices", "sessions"}
+
+
+async def test_a_port_taken_after_the_start_up_check_is_the_same_one_line_error(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between ``check_ports`` and the bind another process can take the port (tests picking
+    free ports side by side did): amqtt wraps the bind's error in its own; the user still gets
+    which port and which flag, not a traceback (the CLI prints it and exits with 2)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    taken = settings.model_copy(update={"mqtt": settings.mqtt.model_copy(update={"port": port})})
+    monkeypatch.setattr(runner, "check_ports", lambda settings: None)  # it was free at the check
+    try:
+        with pytest.raises(PortInUse, match=f"port {port} is already in use; choose another with --mqtt-port"):
+            async with run_server(taken):
+                pass
+    finally:
+        holder.close()
