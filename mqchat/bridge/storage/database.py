@@ -52,7 +52,7 @@ Transaction = Callable[[Connection], _T]
 RETRIES = 5
 READERS = 2
 HERE_BUDGET_S = 0.002
-HERE_SLOW_OF = (2, 8)
+HERE_SLOW_COMMITS, HERE_SLOW_WINDOW = 2, 8
 """When two of the last eight send transactions on the event loop's thread took longer than
 ``HERE_BUDGET_S`` (slow fsyncs, a busy disk), the next ones go to the writer thread for
 ``THREAD_AFTER_SLOW_S``. One alone does not: it has already stalled the loop, and the move costs
@@ -237,7 +237,7 @@ class SqliteDatabase(Database):
         # Transactions handed to the writer thread and not finished (counted on the loop's thread).
         self._writer_busy = 0
         self._thread_until = 0.0
-        self._here_slow: deque[bool] = deque(maxlen=HERE_SLOW_OF[1])  # the last ones here: slow?
+        self._here_slow: deque[bool] = deque(maxlen=HERE_SLOW_WINDOW)  # the last ones here: slow?
         self._here: sqlite3.Connection | None = None
         self._closing = False
         self._checkpoints: set[asyncio.Future[None]] = set()
@@ -295,8 +295,9 @@ class SqliteDatabase(Database):
                 if here and self._may_run_here():
                     with contextlib.suppress(_LockedElsewhere):
                         return self._run_here(fn)
-                self.ran_on_writer += 1
-                return await self._on_writer(self._raw_transaction, fn)
+                result: _T = await self._on_writer(self._raw_transaction, fn)
+                self.ran_on_writer += 1  # counted once committed, like ran_here
+                return result
             except SetChanged:
                 continue
             except ChatError:
@@ -333,7 +334,7 @@ class SqliteDatabase(Database):
         200 sends/s: 0.59 ms at the median, 0.9 at p99, 2.2 at p99.9; every 15-35 s one fsync of
         20-50 ms, and once a 10 s burst of them up to 172 ms."""
         self._here_slow.append(seconds > HERE_BUDGET_S)
-        if sum(self._here_slow) >= HERE_SLOW_OF[0]:
+        if sum(self._here_slow) >= HERE_SLOW_COMMITS:
             self._thread_until = time.monotonic() + THREAD_AFTER_SLOW_S
             self.moved += 1
             # After that while the count starts afresh. (A moving average did not forget a
