@@ -731,6 +731,7 @@ class ChatClient:
         finally:
             with contextlib.suppress(aiomqtt.MqttError, OSError):
                 await mqtt.__aexit__(None, None, None)
+            read_disconnection(mqtt)
 
     async def _connected(self, mqtt: aiomqtt.Client) -> None:
         device = self._require_device()
@@ -915,13 +916,28 @@ def _published(conn: _Connection, window: asyncio.Semaphore, task: asyncio.Task[
 def _paho(mqtt: aiomqtt.Client) -> paho.Client:
     """The paho client under an aiomqtt client.
 
-    The one private access of the SDK: aiomqtt 2.x offers no public way to reach the socket,
+    One of the SDK's two private accesses: aiomqtt 2.x offers no public way to reach the socket,
     and two things need it: cutting a connection on purpose (``drop_connection``, for fault
     tests) and closing the socket of an attempt whose CONNACK never came (aiomqtt leaves it
     open). Everything used on the paho side (``socket()``, ``fileno()``) is public.
     """
     client: paho.Client = mqtt._client  # noqa: SLF001
     return client
+
+
+def read_disconnection(mqtt: aiomqtt.Client) -> None:
+    """Mark the error of an unexpected disconnection as read, once the client has been left.
+
+    aiomqtt 2.x keeps that error in a future that only its message iterator and ``publish``
+    read. When neither was waiting as the connection dropped (the reader had been cancelled
+    first), ``__aexit__`` returns early and leaves the error unread, and asyncio logs "Future
+    exception was never retrieved" whenever the client is garbage-collected, in the middle of
+    whatever runs then. The caller has already dealt with the lost connection, so this is the
+    error's end. The second private access of the SDK, beside ``_paho``.
+    """
+    disconnected: asyncio.Future[None] = mqtt._disconnected  # noqa: SLF001
+    if disconnected.done() and not disconnected.cancelled():
+        disconnected.exception()
 
 
 def _shut_down(mqtt: aiomqtt.Client) -> bool:

@@ -3,6 +3,8 @@ dependency rule (the SDK imports no server framework)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import random
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from mqchat.clients import Backoff, StoreInUse
-from mqchat.clients.client import _paho
+from mqchat.clients.client import _paho, read_disconnection
 from mqchat.clients.errors import chat_error
 from mqchat.clients.sequencer import StreamSequencer
 from mqchat.clients.store import LocalStore
@@ -99,9 +101,41 @@ def test_the_sdk_imports_no_server_framework() -> None:
     assert result.stdout.strip() == ""
 
 
-async def test_the_one_private_access_of_the_sdk_still_holds() -> None:
+async def test_the_private_accesses_of_the_sdk_still_hold() -> None:
     """``_paho`` reads aiomqtt's ``Client._client`` (noqa SLF001): an aiomqtt upgrade that
     renames it must fail here, by name, not in a fault test."""
     client = aiomqtt.Client("127.0.0.1", 1)
     assert isinstance(_paho(client), paho.Client), "aiomqtt.Client._client is no longer the paho client"
     assert _paho(client).socket() is None  # public on paho; None before connecting
+
+
+async def test_a_connection_the_server_ended_leaves_no_unread_error_behind() -> None:
+    """aiomqtt keeps an unexpected disconnection's error in a future that only its message
+    iterator reads; a client that was not iterating when the server closed the connection
+    leaves it unread, and asyncio reports it (stderr) whenever the client is collected.
+    ``read_disconnection``, which the SDK calls on every connection it leaves, settles it."""
+    reported: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(b"\x20\x02\x00\x00")  # CONNACK: accepted
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # then the server ends the connection
+
+    server = await asyncio.start_server(broker, "127.0.0.1", 0)
+    try:
+        client = aiomqtt.Client("127.0.0.1", server.sockets[0].getsockname()[1])
+        async with client:
+            await asyncio.sleep(0.3)  # nothing reads messages meanwhile
+        read_disconnection(client)
+        del client
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        server.close()
+        await server.wait_closed()
+    assert reported == []
