@@ -239,6 +239,8 @@ def encode_length(length: int) -> bytes:
     """The remaining length as MQTT's varint (1-4 bytes, 7 bits each, low first)."""
     if length < 128:
         return bytes((length,))
+    if length < 16_384:  # most deliveries: two bytes, without the loop
+        return bytes((length & 0x7F | 0x80, length >> 7))
     out = bytearray()
     while True:
         byte, length = length & 0x7F, length >> 7

@@ -119,6 +119,16 @@ def test_what_a_server_sends_parses_back_to_itself(
     assert parse_all(data, server=False, chunk=chunk) == [Connack(present, code), *packets]
 
 
+@pytest.mark.parametrize(
+    ("length", "encoded"),
+    # MQTT 3.1.1, table 2.4: the bounds of each size.
+    [(0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"), (16_383, b"\xff\x7f"), (16_384, b"\x80\x80\x01"),
+     (2_097_151, b"\xff\xff\x7f"), (2_097_152, b"\x80\x80\x80\x01"), (268_435_455, b"\xff\xff\xff\x7f")],
+)  # fmt: skip
+def test_remaining_length_is_the_spec_s_varint(length: int, encoded: bytes) -> None:
+    assert mqtt.encode_length(length) == encoded
+
+
 @given(st.integers(0, mqtt.MAX_REMAINING_LENGTH))
 def test_remaining_length_round_trips(length: int) -> None:
     encoded = mqtt.encode_length(length)
