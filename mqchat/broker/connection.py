@@ -70,10 +70,37 @@ class State(enum.Enum):
     CLOSED = 5
 
 
+class Flusher:
+    """Writes, once per turn of the event loop, what each connection queued during it.
+
+    One callback for all of them rather than one per connection: a group message queues one
+    delivery on every member's connection, and a callback each cost more than the writes'
+    own Python."""
+
+    __slots__ = ("_queued",)
+
+    def __init__(self) -> None:
+        self._queued: list[MqttConnection] = []
+
+    def add(self, connection: MqttConnection) -> None:
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append(connection)
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        for connection in queued:
+            try:
+                connection.flush()
+            except Exception:  # one transport's failure must not hold the others' bytes back
+                log.exception("writing to %r failed", connection)
+
+
 class Broker(Protocol):
     """What a connection asks of the broker (``MqttServer``)."""
 
     metrics: Metrics
+    flusher: Flusher
 
     def connect(self, connection: MqttConnection, packet: Connect) -> Awaitable[None]: ...
 
@@ -142,7 +169,6 @@ class MqttConnection(asyncio.Protocol):
         "_acks",
         "_broker",
         "_busy",
-        "_flush_handle",
         "_inflight",
         "_last_read",
         "_limits",
@@ -174,7 +200,6 @@ class MqttConnection(asyncio.Protocol):
         self._parser = mqtt.Parser(server=True, max_packet=limits.max_packet_bytes)
         self._writer: Writer | None = None
         self._out: list[bytes] = []
-        self._flush_handle: asyncio.Handle | None = None
         self._inflight: set[int] = set()
         self._acks: deque[list[int | bool]] = deque()  # QoS 1 PUBACKs in PUBLISH order: [packet id, ready]
         self._next_id = 0
@@ -378,11 +403,16 @@ class MqttConnection(asyncio.Protocol):
             return
         packet_id = 0
         if qos:
-            if len(self._inflight) >= self._limits.max_unacked_deliveries:
-                self.drop_slow_reader(f"{len(self._inflight)} PUBLISHes unacknowledged")
+            inflight = self._inflight
+            if len(inflight) >= self._limits.max_unacked_deliveries:
+                self.drop_slow_reader(f"{len(inflight)} PUBLISHes unacknowledged")
                 return
-            packet_id = self._allocate_id()
-            self._inflight.add(packet_id)
+            # The next id, free unless 65,535 deliveries ago one is still unacknowledged:
+            # inline, as a group message runs this once per member.
+            packet_id = self._next_id = self._next_id % 65535 + 1
+            if packet_id in inflight:
+                packet_id = self._allocate_id()
+            inflight.add(packet_id)
         self.send(mqtt.encode_publish(topic, payload, 1 if qos else 0, packet_id, retain=retain))
 
     def _allocate_id(self) -> int:
@@ -401,12 +431,12 @@ class MqttConnection(asyncio.Protocol):
         """Queue bytes for this turn of the event loop; they go out in one write."""
         if self._writer is None:
             return
-        if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+        if not self._out:  # nothing queued yet: the flusher does not know this connection
+            self._broker.flusher.add(self)
         self._out.append(data)
 
-    def _flush(self) -> None:
-        self._flush_handle = None
+    def flush(self) -> None:
+        """Write what was queued (the flusher calls this once per turn of the event loop)."""
         writer = self._writer
         if writer is None or self.closed or not self._out:
             self._out.clear()
@@ -438,9 +468,7 @@ class MqttConnection(asyncio.Protocol):
         if writer is None or self.state is State.CLOSING:
             return
         if not abort and self._out:
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-            self._flush()
+            self.flush()  # the flusher's turn then finds nothing queued
             writer = self._writer
             if writer is None or self.closed:  # the flush found a slow reader and aborted
                 return

@@ -28,7 +28,7 @@ from mqchat.bridge.cluster import Degraded, group_channel, user_channel
 from mqchat.bridge.composition import Services
 from mqchat.bridge.ratelimit import NewKeyBudget
 from mqchat.broker.acl import TopicAcl, group_of
-from mqchat.broker.connection import MqttConnection, serve_websocket
+from mqchat.broker.connection import Flusher, MqttConnection, serve_websocket
 from mqchat.broker.sessions import Session, SessionTable, Subscriptions
 from mqchat.config import Settings
 from mqchat.core import mqtt
@@ -90,6 +90,7 @@ class MqttServer:
         self._chat = services.chat
         self.metrics = services.metrics
         self.metrics.watch_broker(self)
+        self.flusher = Flusher()
         self._settings = settings or services.settings
         self._limits = self._settings.limits
         self._acl = TopicAcl(services.chat)
