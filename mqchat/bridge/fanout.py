@@ -24,6 +24,7 @@ from mqchat.bridge.cluster import RedisCluster, group_channel, user_channel
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.store import Emitted, MessageEntries
 from mqchat.core.ids import DeviceAddress
+from mqchat.core.origin import sign
 from mqchat.core.protocol import AnyStreamEvent, Event, NewMessage, Presence, encode_event, format_time
 from mqchat.core.topics import STREAM_PREFIX, device_topic, group_topic, id_after, presence_topic, stream_topic
 
@@ -86,29 +87,43 @@ class Fanout:
         """New stream entries, in seq order per user (each chunk, then the next): to this node's
         devices, then, per user and in one message, to the other nodes; then the long-polls
         wake up."""
-        by_user: dict[str, list[tuple[str, bytes]]] = {}
+        # Only the other nodes need the entries per user; on a single node, only who got some.
+        by_user: dict[str, list[tuple[str, bytes]]] | None = None if self.cluster is None else {}
+        users: list[str] = []
         encoded = _Encoded()
         for chunk in chunks:
             if isinstance(chunk, MessageEntries):
                 self._message_entries(chunk, encoded.tail(chunk.event), by_user)
+                users += chunk.users
                 continue
             for user_id, event in chunk:
                 topic, payload = _stream_topic(user_id), self.signed(user_id, encoded(event))
                 self._deliver(topic, payload)
-                by_user.setdefault(user_id, []).append((topic, payload))
-        if self.cluster is not None:
+                users.append(user_id)
+                if by_user is not None:
+                    by_user.setdefault(user_id, []).append((topic, payload))
+        if self.cluster is not None and by_user:
             for user_id, items in by_user.items():
                 self.cluster.publish(user_channel(user_id), items, user_id=user_id)
-        self.notifier.notify(by_user)
+        self.notifier.notify(users)
 
     def _message_entries(
-        self, entries: MessageEntries, tail: bytes, by_user: dict[str, list[tuple[str, bytes]]]
+        self, entries: MessageEntries, tail: bytes, by_user: dict[str, list[tuple[str, bytes]]] | None
     ) -> None:
-        """A message's entries, encoded from its ``tail`` without an event per stream."""
+        """A message's entries, encoded from its ``tail`` without an event per stream.
+
+        Once per member of a group: what ``signed`` and ``_deliver`` do, without their calls
+        (``EventKeys.sign`` is ``sign(key_for(user), payload)``)."""
+        key_for = None if self._keys is None else self._keys.key_for
+        deliver = None if self._publisher is None else self._publisher.deliver
         for user_id, seq in zip(entries.users, entries.seqs, strict=True):
-            topic, payload = _stream_topic(user_id), self.signed(user_id, _NEW_MESSAGE % (seq, tail))
-            self._deliver(topic, payload)
-            by_user.setdefault(user_id, []).append((topic, payload))
+            topic, payload = _stream_topic(user_id), _NEW_MESSAGE % (seq, tail)
+            if key_for is not None:
+                payload = sign(key_for(user_id), payload)
+            if deliver is not None:
+                deliver(topic, payload)
+            if by_user is not None:
+                by_user.setdefault(user_id, []).append((topic, payload))
 
     async def reply(self, device: DeviceAddress, event: Event) -> None:
         """To the device's own topic: it is connected here (it sent the command)."""

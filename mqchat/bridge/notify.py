@@ -17,7 +17,9 @@ class StreamNotifier:
         return sum(len(waiters) for waiters in self._waiters.values())
 
     def notify(self, user_ids: Iterable[str]) -> None:
-        for user_id in set(user_ids):
+        if not self._waiters:  # no long-poll waits: the usual case, and a group names every member
+            return
+        for user_id in self._waiters.keys() & set(user_ids):
             for waiter in self._waiters.pop(user_id, ()):
                 if not waiter.done():
                     waiter.set_result(None)
