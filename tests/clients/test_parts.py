@@ -107,6 +107,7 @@ async def test_the_private_accesses_of_the_sdk_still_hold() -> None:
     client = aiomqtt.Client("127.0.0.1", 1)
     assert isinstance(_paho(client), paho.Client), "aiomqtt.Client._client is no longer the paho client"
     assert _paho(client).socket() is None  # public on paho; None before connecting
+    read_disconnection(client)  # reads aiomqtt's ``Client._disconnected``; not done yet: nothing to read
 
 
 async def test_a_connection_the_server_ended_leaves_no_unread_error_behind() -> None:
