@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sqlalchemy import Connection, make_url, text
 
 from mqchat.bridge.composition import build_services
 from mqchat.bridge.storage import SqlStore
+from mqchat.bridge.storage.database import prepare_sqlite_connection
 from mqchat.bridge.storage.schema import SchemaError, head
 from mqchat.bridge.store import SendOutcome, SendRequest
 from mqchat.bridge.tables import METADATA
@@ -193,3 +195,25 @@ async def test_ids_differing_only_in_case_stop_the_upgrade_and_change_nothing(da
         assert await store.get_password_hash("ANN") == "hash"
     finally:
         await store.close()
+
+
+def test_a_new_database_enters_wal_while_another_connection_writes(tmp_path: Path) -> None:
+    """The first connection to a new database switches it to WAL, which needs an exclusive
+    lock; while another connection writes, SQLite refuses that at once, without waiting for
+    the busy timeout (CI: several stores opening one new file). The switch waits instead."""
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")
+    releases = threading.Timer(0.3, writer.execute, ("COMMIT",))
+    releases.start()
+    joining = sqlite3.connect(path, timeout=5, check_same_thread=False)
+    try:
+        prepare_sqlite_connection(joining)
+        assert joining.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert joining.execute("SELECT x FROM t").fetchall() == [(1,)]  # it waited for the commit
+    finally:
+        releases.join()
+        joining.close()
+        writer.close()

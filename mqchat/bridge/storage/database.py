@@ -167,13 +167,35 @@ def prepare_sqlite_connection(
     # WAL: readers never block the writer. synchronous=FULL: a committed
     # transaction survives power loss, not only a crash of the process, which is
     # what an acked message promises. foreign_keys: SQLite's default is off.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _enter_wal(cursor, busy_timeout_ms)
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cursor.execute(f"PRAGMA wal_autocheckpoint={checkpoint_pages}")
     cursor.close()
+
+
+def _enter_wal(cursor: Any, busy_timeout_ms: int) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock.
+
+    Only the first connection to a new database changes the mode (it lasts in the file); to do
+    so it needs an exclusive lock. While another connection is writing (creating the schema,
+    say), SQLite answers SQLITE_BUSY at once, without the busy handler, which would deadlock
+    there: seen when several processes start on one new data dir (tests/bridge/test_migrations.py).
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    pause = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY  # extended codes too
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 def configure_sqlite(engine: Engine) -> None:
