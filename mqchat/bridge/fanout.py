@@ -24,7 +24,6 @@ from mqchat.bridge.cluster import RedisCluster, group_channel, user_channel
 from mqchat.bridge.notify import StreamNotifier
 from mqchat.bridge.store import Emitted, MessageEntries
 from mqchat.core.ids import DeviceAddress
-from mqchat.core.origin import sign
 from mqchat.core.protocol import AnyStreamEvent, Event, NewMessage, Presence, encode_event, format_time
 from mqchat.core.topics import STREAM_PREFIX, device_topic, group_topic, id_after, presence_topic, stream_topic
 
@@ -112,14 +111,13 @@ class Fanout:
     ) -> None:
         """A message's entries, encoded from its ``tail`` without an event per stream.
 
-        Once per member of a group: what ``signed`` and ``_deliver`` do, without their calls
-        (``EventKeys.sign`` is ``sign(key_for(user), payload)``)."""
-        key_for = None if self._keys is None else self._keys.key_for
+        Once per member of a group: what ``signed`` and ``_deliver`` do, without their calls."""
+        sign = None if self._keys is None else self._keys.sign
         deliver = None if self._publisher is None else self._publisher.deliver
         for user_id, seq in zip(entries.users, entries.seqs, strict=True):
             topic, payload = _stream_topic(user_id), _NEW_MESSAGE % (seq, tail)
-            if key_for is not None:
-                payload = sign(key_for(user_id), payload)
+            if sign is not None:
+                payload = sign(user_id, payload)
             if deliver is not None:
                 deliver(topic, payload)
             if by_user is not None:

@@ -19,7 +19,7 @@ class StreamNotifier:
     def notify(self, user_ids: Iterable[str]) -> None:
         if not self._waiters:  # no long-poll waits: the usual case, and a group names every member
             return
-        for user_id in self._waiters.keys() & set(user_ids):
+        for user_id in self._waiters.keys() & user_ids:
             for waiter in self._waiters.pop(user_id, ()):
                 if not waiter.done():
                     waiter.set_result(None)
